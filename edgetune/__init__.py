@@ -1,0 +1,3 @@
+"""edgetune: product feedback in, on-device model out."""
+
+__version__ = "0.1.0"

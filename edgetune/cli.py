@@ -1,0 +1,42 @@
+"""The `edgetune` command line.
+
+Each stage keeps its commands beside its code (`edgetune/<stage>/cli.py` or
+`edgetune/<stage>_cli.py`); this module only assembles them and turns
+`UserError` into a clean message and exit status 2. Heavy imports (MLX,
+transformers) happen inside commands, so `edgetune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from edgetune import __version__
+from edgetune.errors import UserError
+
+
+class _Group(click.Group):
+    """A click group that prints user mistakes without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgetune")
+def main() -> None:
+    """Feedback logs in, an on-device fine-tuned model out."""
+
+
+def _register() -> None:
+    from edgetune.data.cli import data
+
+    main.add_command(data)
+
+
+_register()

@@ -1,0 +1,1 @@
+"""Where feedback becomes training data: parsing, importers, curation rules, PII scrubbing."""
