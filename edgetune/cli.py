@@ -38,5 +38,13 @@ def _register() -> None:
 
     main.add_command(data)
 
+    from edgetune.train_cli import sft
+
+    main.add_command(sft)
+
+    from edgetune.recipe import recipe
+
+    main.add_command(recipe)
+
 
 _register()

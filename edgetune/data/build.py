@@ -1,0 +1,403 @@
+"""`edgetune data build`: feedback logs in, SFT/DPO/KTO datasets out.
+
+The build reads each line of the log once, in parallel, and keeps in memory
+only an index the size of the number of conversation ids:
+
+1. Stage (workers, `stage.stage_chunk`): every record is validated;
+   conversations with an inline signal and comparisons are curated, scrubbed
+   and their rows staged on disk. Each worker returns its index entries, its
+   split-out `feedback` records (few) and its problems.
+2. Resolve (here): latest version wins (a repeated id: the later line);
+   invalid records stop the build (nothing written, `--out` untouched)
+   unless `--skip-invalid`; split-out feedback is joined by id.
+3. Restage (workers, `stage.restage_conversations`): conversations that
+   split-out feedback points to are read back by position and curated again
+   with all their signals; their first-pass rows are set aside.
+4. Merge (here, in log order): staged rows of the latest versions are
+   de-duplicated (rule 7, first occurrence wins), written to their split,
+   counted for the report, and SFT rows down-sampled per persona if asked.
+
+Row order is log order (files as given, then lines, then messages); the
+result does not depend on the number of workers. Same inputs in the same
+order and the same options give byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+from array import array
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edgetune.data import rules
+from edgetune.data.records import FeedbackRecord
+from edgetune.data.stage import (PII_KINDS, POSITION_BITS, Chunk, ChunkResult, read_staged, restage_conversations,
+                                 stage_chunk, staging_path)
+from edgetune.errors import InputError, UserError
+from edgetune.fileio import atomic_dir, sha256_file, write_json
+
+FORMATS = ("v1", "langfuse", "langsmith", "openai")
+REPORT_FORMAT = "edgetune.data-report/v1"
+EXAMPLES = 50  # conflicts/orphans/invalid records named in report.json; all are counted
+CHUNK_BYTES = 16 << 20  # smallest byte range worth a worker's start-up
+PARALLEL_BYTES = 32 << 20  # below this much input, one process is faster than a pool
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything that changes the outputs; recorded in report.json."""
+
+    eval_fraction: float = 0.1
+    seed: int = 0
+    skip_invalid: bool = False
+    correction_prompt: str = rules.SKIP_MISTAKE
+    max_persona_share: float | None = None
+    format: str = "v1"
+
+    def check(self) -> None:
+        """Raise UserError naming the option that is out of range."""
+        if not 0 <= self.eval_fraction < 1:
+            raise UserError(f"--eval-fraction {self.eval_fraction}: must be at least 0 and below 1")
+        if self.correction_prompt not in rules.CORRECTION_PROMPTS:
+            raise UserError(f"--correction-prompt {self.correction_prompt}: expected one of "
+                            f"{', '.join(rules.CORRECTION_PROMPTS)}")
+        if self.max_persona_share is not None and not 0 < self.max_persona_share <= 1:
+            raise UserError(f"--max-persona-share {self.max_persona_share}: must be above 0 and at most 1")
+        if self.format not in FORMATS:
+            raise UserError(f"--format {self.format}: expected one of {', '.join(FORMATS)}")
+
+
+# --- planning and running the workers ------------------------------------------------
+
+def default_jobs() -> int:
+    """Worker processes: the CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def plan_chunks(paths: list[Path], fmt: str, jobs: int) -> list[Chunk]:
+    """Cut the inputs into units of work, in log order.
+
+    Plain v1 files split into byte ranges (a few per worker, for balance); a
+    `.gz` file or an imported format cannot be entered mid-way, so it is one chunk.
+    """
+    chunks: list[Chunk] = []
+    for fi, path in enumerate(paths):
+        if fmt != "v1" or str(path).endswith(".gz"):
+            chunks.append(Chunk(len(chunks), fi, str(path), "jsonl" if fmt == "v1" else fmt))
+            continue
+        size = path.stat().st_size
+        if size >= 1 << POSITION_BITS:
+            raise UserError(f"{path}: larger than 1 TiB; split it into several files")
+        n = max(1, min(4 * jobs, size // CHUNK_BYTES))
+        chunks += [Chunk(len(chunks) + k, fi, str(path), "lines", size * k // n, size * (k + 1) // n)
+                   for k in range(n)]
+    return chunks
+
+
+def _run(fn: Callable, calls: list[tuple], jobs: int) -> list:
+    """`[fn(*args) for args in calls]`, in worker processes when `jobs` > 1."""
+    if jobs <= 1 or len(calls) <= 1:
+        return [fn(*args) for args in calls]
+    # fork: workers start in milliseconds and inherit the imports; macOS only supports spawn safely.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=context) as pool:
+        return list(pool.map(fn, *zip(*calls)))
+
+
+def _resolve_jobs(paths: list[Path], jobs: int | None) -> int:
+    if jobs is not None:
+        return max(1, jobs)
+    total = sum(p.stat().st_size for p in paths)
+    return default_jobs() if total >= PARALLEL_BYTES else 1
+
+
+# --- pass 1 and the index --------------------------------------------------------------
+
+@dataclass
+class Scan:
+    """What the first pass learnt about the log (latest version wins)."""
+
+    paths: list[Path]
+    chunks: list[Chunk]
+    conversations: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (position, unused)
+    comparisons: dict[str, int] = field(default_factory=dict)  # id -> position
+    superseded: set[int] = field(default_factory=set)  # positions of replaced versions
+    feedback: dict[str, list[tuple[tuple[int, int], FeedbackRecord]]] = field(
+        default_factory=lambda: defaultdict(list))  # conversation id -> [((file index, line), record)]
+    problems: list[tuple[str, int, str]] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+
+def _combine(paths: list[Path], chunks: list[Chunk], results: list[ChunkResult]) -> Scan:
+    """Merge the chunks' findings in log order: absolute line numbers, latest versions."""
+    scan = Scan(paths, chunks)
+    lines_before: Counter = Counter()  # file index -> lines in its earlier chunks
+    for chunk, res in zip(chunks, results):
+        offset = lines_before[chunk.file_index]
+        lines_before[chunk.file_index] += res.lines
+        scan.counts += res.counts
+        scan.problems += [(chunk.path, line + offset, why) for line, why in res.problems]
+        for cid, pos, unused in res.conversations:
+            earlier = scan.conversations.get(cid)
+            if earlier is not None:
+                scan.superseded.add(earlier[0])
+                scan.counts["superseded_conversations"] += 1
+            scan.conversations[cid] = (pos, unused)
+        for xid, pos in res.comparisons:
+            earlier = scan.comparisons.get(xid)
+            if earlier is not None:
+                scan.superseded.add(earlier)
+                scan.counts["superseded_comparisons"] += 1
+            scan.comparisons[xid] = pos
+        for line, rec in res.feedback:
+            scan.feedback[rec.conversation_id].append(((chunk.file_index, line + offset), rec))
+    return scan
+
+
+def scan_logs(paths: list[Path], fmt: str = "v1", jobs: int | None = None) -> Scan:
+    """Check every record of `paths` without building (for `edgetune data validate`)."""
+    jobs = _resolve_jobs(paths, jobs)
+    chunks = plan_chunks(paths, fmt, jobs)
+    options = BuildOptions(format=fmt)
+    return _combine(paths, chunks, _run(stage_chunk, [(c, options, None) for c in chunks], jobs))
+
+
+# --- the build -------------------------------------------------------------------------
+
+def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptions(), force: bool = False,
+          jobs: int | None = None, progress: Callable[[str], None] = lambda message: None) -> dict:
+    """Build the datasets of `paths` into `out`; return the report (also written as report.json).
+
+    Raises InputError listing every invalid record (unless `skip_invalid`;
+    nothing is written then and `out` is not touched), UserError for an
+    existing `out` without `force`, an unreadable input or an unmeetable
+    persona cap. `jobs`: worker processes (default: one per CPU for inputs
+    over 32 MiB, else 1); it does not change the outputs.
+    """
+    options.check()
+    out = Path(out)
+    if out.exists() and not force:  # checked before the long read; atomic_dir checks again
+        raise UserError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    jobs = _resolve_jobs(paths, jobs)
+    chunks = plan_chunks(paths, options.format, jobs)
+    # Staged rows live beside the output (same disk, so no surprise on a small /tmp), in a
+    # hidden folder that is removed whatever happens.
+    stage_dir = out.parent if out.parent.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.staging-", dir=stage_dir) as staging:
+        progress(f"reading {len(paths)} file(s) in {len(chunks)} chunk(s) with {min(jobs, len(chunks))} worker(s)")
+        scan = _combine(paths, chunks, _run(stage_chunk, [(c, options, staging) for c in chunks], jobs))
+        if scan.problems and not options.skip_invalid:
+            raise InputError(scan.problems)
+
+        requests, orphans = _plan_restaging(scan)
+        progress(f"joining split-out feedback to {sum(len(r) for r in requests.values())} conversation(s)")
+        calls = [(c, requests[c.index], options, staging) for c in chunks if c.index in requests]
+        restaged = _run(restage_conversations, calls, jobs)
+        recurated = {pos for reqs in requests.values() for pos, _ in reqs}
+        unused = sum(u for pos, u in scan.conversations.values() if pos not in recurated)
+        for lost, recurated_unused in restaged:
+            orphans += lost
+            unused += sum(recurated_unused.values())
+        # First-pass rows that do not count: replaced versions, and conversations curated again.
+        set_aside = scan.superseded | recurated
+
+        with atomic_dir(out, replace=force) as folder:
+            progress("writing outputs")
+            merge = _Merge(folder, options)
+            for chunk in chunks:
+                first = (r for r in read_staged(staging_path(staging, chunk, "a")) if r[0] not in set_aside)
+                again = read_staged(staging_path(staging, chunk, "b")) if chunk.index in requests else ()
+                for _, tally, rows in heapq.merge(first, again, key=lambda record: record[0]):
+                    merge.add(tally, rows)
+            merge.finish()
+            report = _report(scan, folder, options, merge, unused, orphans)
+            write_json(folder / "report.json", report)
+    return report
+
+
+def _plan_restaging(scan: Scan) -> tuple[dict[int, list], list]:
+    """Per chunk index, `(position, [(where, record)])` of the latest conversations that
+    split-out feedback points to, by position; and the orphans of unknown conversations."""
+    starts = [(c.file_index << POSITION_BITS) | c.start for c in scan.chunks]
+    requests: dict[int, list] = defaultdict(list)
+    orphans = []
+    for cid, items in scan.feedback.items():
+        entry = scan.conversations.get(cid)
+        if entry is None:
+            orphans += [(where, rec, "unknown_conversation") for where, rec in items]
+            continue
+        chunk_index = bisect.bisect_right(starts, entry[0]) - 1  # the chunk whose range holds the position
+        requests[chunk_index].append((entry[0], items))
+    for reqs in requests.values():
+        reqs.sort(key=lambda r: r[0])
+    return dict(requests), orphans
+
+
+# --- merging staged rows into the outputs -----------------------------------------------
+
+class _Merge:
+    """Writes staged rows of the latest versions into the six outputs, in log order.
+
+    Drops duplicates (rule 7: the same example after whitespace
+    normalisation, first occurrence kept) and sums the report's counts. SFT
+    rows go to a side file when a persona cap is set, so `finish` can
+    down-sample them once every row is known.
+    """
+
+    def __init__(self, folder: Path, options: BuildOptions):
+        self.folder = folder
+        self.options = options
+        self.capped = options.max_persona_share is not None
+        self.files = {}
+        for split in rules.SPLITS:
+            (folder / split).mkdir()
+            for output in rules.OUTPUTS:
+                name = "sft.uncapped.jsonl" if output == "sft" and self.capped else f"{output}.jsonl"
+                self.files[split, output] = open(folder / split / name, "w", encoding="utf-8", newline="\n")
+        self.seen: dict[str, set[bytes]] = {o: set() for o in rules.OUTPUTS}  # 16-byte dedup digests
+        self.signals: Counter = Counter()
+        self.drops: Counter = Counter()
+        self.conflicts: list[list[str]] = []
+        self.n_conflicts = 0
+        self.pii: Counter = Counter()
+        self.written: Counter = Counter()  # (rule, output) -> rows
+        self.personas: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (split, output) -> persona -> rows
+        self._persona_names: dict[str, str] = {}  # staged JSON -> name, decoded once
+        # For the persona cap, per split, in write order: persona, rule, sampling key, PII of each SFT row.
+        self.sft_rows: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self.sft_keys: dict[str, array] = defaultdict(lambda: array("Q"))
+        self.sft_pii: dict[str, dict[int, Counter]] = defaultdict(dict)
+
+    def add(self, tally: dict, rows: list[str]) -> None:
+        """One staged record: its tallies and its rows."""
+        self.signals.update(tally["signals"])
+        self.drops.update(tally["drops"])
+        self.n_conflicts += len(tally["conflicts"])
+        self.conflicts += tally["conflicts"][:EXAMPLES - len(self.conflicts)]
+        for line in rows:
+            output, split, key_hex, rule, persona_json, pii, row_json = line.split("\t", 6)
+            key = bytes.fromhex(key_hex)
+            seen = self.seen[output]
+            if key in seen:
+                self.drops[f"duplicate_{output}"] += 1
+                continue
+            seen.add(key)
+            self.files[split, output].write(row_json)  # ends with its newline
+            persona = self._persona_names.get(persona_json)
+            if persona is None:
+                persona = self._persona_names[persona_json] = json.loads(persona_json)
+            self.written[rule, output] += 1
+            self.personas[split, output][persona] += 1
+            row_pii = None
+            if pii != "0,0,0,0":
+                row_pii = Counter(dict(zip(PII_KINDS, map(int, pii.split(",")))))
+                self.pii.update(row_pii)
+            if output == "sft" and self.capped:
+                if row_pii:
+                    self.sft_pii[split][len(self.sft_rows[split])] = row_pii
+                self.sft_rows[split].append((persona, rule))
+                seeded = hashlib.blake2b(key, digest_size=8, key=str(self.options.seed).encode()).digest()
+                self.sft_keys[split].append(int.from_bytes(seeded, "big"))
+
+    def finish(self) -> None:
+        """Close the files; apply the persona cap to each split's SFT rows."""
+        for f in self.files.values():
+            f.close()
+        if self.capped:
+            for split in rules.SPLITS:
+                self._cap_sft(split)
+
+    def _cap_sft(self, split: str) -> None:
+        rows = self.sft_rows[split]
+        counts = Counter(persona for persona, _ in rows)
+        keep = rules.persona_keep_counts(counts, self.options.max_persona_share)
+        if counts and not any(keep.values()):
+            raise UserError(
+                f"--max-persona-share {self.options.max_persona_share}: {split}/sft has only the "
+                f"persona(s) {', '.join(sorted(counts))} and no untagged rows, so the cap would drop every "
+                f"row; raise it to at least {1 / len(counts):.3g} or leave it out")
+        # Keep each capped persona's rows with the smallest seeded keys: a sample
+        # that depends on the rows' content and the seed, not on their order.
+        keys = self.sft_keys[split]
+        limit = {}
+        for persona, n in keep.items():
+            if n < counts[persona]:
+                ordered = sorted(keys[i] for i, (p, _) in enumerate(rows) if p == persona)
+                limit[persona] = ordered[n - 1] if n else -1
+        kept: Counter = Counter()
+        uncapped = self.folder / split / "sft.uncapped.jsonl"
+        with open(uncapped, encoding="utf-8") as src, \
+                open(self.folder / split / "sft.jsonl", "w", encoding="utf-8", newline="\n") as dst:
+            for i, line in enumerate(src):
+                persona, rule = rows[i]
+                if persona not in limit or (keys[i] <= limit[persona] and kept[persona] < keep[persona]):
+                    kept[persona] += 1
+                    dst.write(line)
+                    continue
+                self.drops["persona_cap"] += 1
+                self.written[rule, "sft"] -= 1
+                self.personas[split, "sft"][persona] -= 1
+                self.pii.subtract(self.sft_pii[split].get(i, {}))
+        uncapped.unlink()
+
+
+# --- the report --------------------------------------------------------------------------
+
+def _report(scan: Scan, folder: Path, options: BuildOptions, merge: _Merge, unused: int, orphans: list) -> dict:
+    """The report.json dict (rendered by `report.py`); deterministic: no clock, no temp paths."""
+    drops = Counter(merge.drops)
+    if scan.counts["invalid"]:
+        drops["invalid_record"] = scan.counts["invalid"]
+    per_output: dict[str, dict] = {}
+    warnings = []
+    for split in rules.SPLITS:
+        per_output[split] = {}
+        for output in rules.OUTPUTS:
+            personas = +merge.personas[split, output]  # unary + leaves out personas capped to zero rows
+            rows = sum(personas.values())
+            shares = {p: {"rows": n, "share": round(n / rows, 4)}
+                      for p, n in sorted(personas.items(), key=lambda kv: (-kv[1], kv[0]))}
+            per_output[split][output] = {"rows": rows, "sha256": sha256_file(folder / split / f"{output}.jsonl"),
+                                         "personas": shares}
+            for p, n in personas.items():
+                if p != rules.UNTAGGED and n * 2 > rows:
+                    warnings.append(f"{split}/{output}: persona {p!r} is {n / rows:.0%} of the rows "
+                                    f"({n} of {rows}); consider --max-persona-share")
+    orphans = sorted(orphans, key=lambda o: o[0])  # log order: (file index, line)
+    counts = scan.counts
+    return {
+        "format": REPORT_FORMAT,
+        "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in scan.paths],
+        "options": asdict(options),
+        "records": {"read": counts["records"], "invalid": counts["invalid"],
+                    **{k: counts[k] for k in ("conversation", "feedback", "comparison")},
+                    "superseded_conversations": counts["superseded_conversations"],
+                    "superseded_comparisons": counts["superseded_comparisons"]},
+        "invalid_examples": [f"{f}:{line}: {why}" for f, line, why in scan.problems[:EXAMPLES]],
+        "rules": {rule: {"in": merge.signals[rule], **{o: merge.written[rule, o] for o in rules.OUTPUTS}}
+                  for rule in rules.RULES},
+        "unused_assistant_messages": unused,
+        "drops": dict(sorted((+drops).items())),
+        "conflicts": {"count": merge.n_conflicts,
+                      "examples": [{"conversation_id": c, "message_id": m} for c, m in merge.conflicts]},
+        "orphans": {"count": len(orphans), "by_reason": dict(sorted(Counter(o[2] for o in orphans).items())),
+                    "examples": [{"file": str(scan.paths[fi]), "line": line, "conversation_id": rec.conversation_id,
+                                  "message_id": rec.message_id, "reason": why}
+                                 for (fi, line), rec, why in orphans[:EXAMPLES]]},
+        "pii_redactions": {k: merge.pii[k] for k in PII_KINDS},
+        "outputs": per_output,
+        "warnings": warnings,
+    }

@@ -1,0 +1,323 @@
+"""The parallel half of a build: read a chunk of the log once, check it, curate it, stage the rows.
+
+A log is cut into chunks (byte ranges of plain `.jsonl` files; whole files
+for `.gz` and imported formats). `stage_chunk` runs in a worker process per
+chunk and decodes every line exactly once, because JSON decoding is most of
+the cost of a build:
+
+- every record is validated; problems come back with chunk-relative lines;
+- conversations come back as an index entry `(id, position, unused)`, and
+  the ones with an inline signal, and all comparisons, are curated right
+  away (rules.py), scrubbed (pii.py) and *staged*: written to a staging file
+  with what the merge needs to know about each row, so the parent never
+  decodes them again;
+- split-out `feedback` records (few) come back whole.
+
+A conversation that split-out feedback points to is curated again by
+`restage_conversations`, which reads just those lines back by position, once
+the parent knows every feedback record of the log.
+
+Staging file format (one file per chunk and phase, positions increasing):
+
+    @ <TAB> position <TAB> {"signals": .., "drops": .., "conflicts": [[cid, mid], ..]}
+    output <TAB> split <TAB> dedup key (hex) <TAB> rule <TAB> persona (JSON) <TAB> e,p,c,i <TAB> row JSON
+
+where `e,p,c,i` are the row's PII placeholders by kind. Row JSON never holds a
+raw tab or newline (JSON escapes them), so the row is always the last field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+from edgetune.data import rules
+from edgetune.data.pii import scrub
+from edgetune.data.records import Conversation, FeedbackRecord, build_record, validate_record
+from edgetune.data.source import Invalid, iter_jsonl
+from edgetune.errors import UserError
+
+POSITION_BITS = 40  # position = file index << 40 | byte offset (or line/ordinal): one int that sorts in log order
+PII_KINDS = ("email", "phone", "card", "ip")
+
+# One encoder for every row: json.dumps with options builds a new one per call.
+_encode_row = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+_encode_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of parallel work. `reader`: "lines" (a byte range of a plain v1
+    file), "jsonl" (a whole v1 `.gz` file) or an importer format (a whole file)."""
+
+    index: int
+    file_index: int
+    path: str
+    reader: str
+    start: int = 0
+    end: int = 0
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk told the parent; lines are relative to the chunk for "lines" chunks."""
+
+    lines: int = 0  # lines the chunk spans, so the parent can number the next chunk's lines
+    conversations: list[tuple[str, int, int]] = field(default_factory=list)  # (id, position, unused assistant msgs)
+    comparisons: list[tuple[str, int]] = field(default_factory=list)  # (id, position)
+    feedback: list[tuple[int, FeedbackRecord]] = field(default_factory=list)  # (line, record)
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    counts: Counter = field(default_factory=Counter)
+
+
+def _decode_line(raw: bytes) -> dict | Invalid | None:
+    """One log line: its object, Invalid(reason), or None for a blank line (same reasons as iter_jsonl)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Invalid(f"not UTF-8 text (bad byte at column {e.start + 1})")
+    if text[:1] != "{" and not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+        return Invalid(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot open ({e.strerror or e})") from None
+
+
+def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None) -> Iterator[tuple[int, int, dict | Invalid]]:
+    """Yield `(position, line, object_or_Invalid)` for each record of `chunk`, in order.
+
+    A "lines" chunk owns the lines that *start* in [start, end); its line
+    numbers count from 1 at its first line, and the number of lines it spans
+    is put in `lines_out[0]`.
+    """
+    base = chunk.file_index << POSITION_BITS
+    if chunk.reader == "lines":
+        with _open_binary(chunk.path) as f:
+            if chunk.start:
+                f.seek(chunk.start - 1)
+                f.readline()  # the rest of the line that straddles `start` belongs to the chunk before
+            offset = f.tell()
+            lineno = 0
+            while offset < chunk.end:
+                raw = f.readline()
+                if not raw:
+                    break
+                lineno += 1
+                item = _decode_line(raw)
+                if item is not None:
+                    yield base | offset, lineno, item
+                offset += len(raw)
+            if lines_out is not None:
+                lines_out[0] = lineno
+    elif chunk.reader == "jsonl":
+        for lineno, item in iter_jsonl(chunk.path):
+            yield base | lineno, lineno, item
+    else:
+        from edgetune.data.importers import iter_records
+
+        for ordinal, (lineno, item) in enumerate(iter_records(chunk.reader, Path(chunk.path))):
+            yield base | ordinal, lineno, item
+
+
+def fetch_records(chunk: Chunk, positions: list[int]) -> Iterator[tuple[int, dict]]:
+    """Yield `(position, object)` at the given sorted positions of `chunk` (for records read before)."""
+    if chunk.reader == "lines":
+        mask = (1 << POSITION_BITS) - 1
+        with _open_binary(chunk.path) as f:
+            for pos in positions:
+                f.seek(pos & mask)
+                item = _decode_line(f.readline())
+                if not isinstance(item, dict):
+                    raise UserError(f"{chunk.path}: changed while edgetune was reading it; run the build again")
+                yield pos, item
+    else:
+        wanted = set(positions)
+        for pos, _, item in iter_chunk(chunk):
+            if pos in wanted:
+                yield pos, item
+
+
+# --- staging -------------------------------------------------------------------------
+
+def _scrub_row(row: dict, scrubbed: Callable[[str], str]) -> dict:
+    """A copy of `row` with every free text (contents, comments) passed through `scrubbed`."""
+    out = {"prompt": [{"role": m["role"], "content": scrubbed(m["content"])} for m in row["prompt"]]}
+    for key in ("completion", "chosen", "rejected"):
+        if key in row:
+            out[key] = [{"role": m["role"], "content": scrubbed(m["content"])} for m in row[key]]
+    if "label" in row:
+        out["label"] = row["label"]
+    source = row["source"]
+    if "comments" in source:
+        source = {**source, "comments": [scrubbed(c) for c in source["comments"]]}
+    out["source"] = source
+    return out
+
+
+def stage_curated(out: IO[str], pos: int, curated: rules.Curated, split: str, conversation_id: str | None) -> None:
+    """Scrub (rule 8), drop empty preferences (rule 7) and write one record's rows to staging.
+
+    PII is scrubbed once per distinct text of the record (a prompt recurs in
+    each of its rows); each row still counts the placeholders it holds, so
+    the report can count exactly what the written files contain.
+    """
+    drops = Counter(curated.drops)
+    memo: dict[str, tuple[str, Counter]] = {}
+    lines = []
+    for output, row in curated.rows:
+        row_pii: Counter = Counter()
+
+        def scrubbed(text: str) -> str:
+            hit = memo.get(text)
+            if hit is None:
+                own: Counter = Counter()
+                hit = memo[text] = (scrub(text, own), own)
+            if hit[1]:
+                row_pii.update(hit[1])
+            return hit[0]
+
+        row = _scrub_row(row, scrubbed)
+        if output == "dpo" and rules.chosen_equals_rejected(row):
+            drops["dpo_chosen_equals_rejected"] += 1
+            continue
+        source = row["source"]
+        pii = ",".join(str(row_pii[k]) for k in PII_KINDS)
+        lines.append(f"{output}\t{split}\t{rules.dedup_key(output, row).hex()}\t{source['rule']}\t"
+                     f"{_encode_compact(source.get('persona', rules.UNTAGGED))}\t{pii}\t{_encode_row(row)}\n")
+    if not (lines or curated.signals or drops or curated.conflicts):
+        return
+    tally = {"signals": curated.signals, "drops": drops,
+             "conflicts": [[conversation_id, mid] for mid in curated.conflicts]}
+    out.write(f"@\t{pos}\t{_encode_compact(tally)}\n")
+    out.writelines(lines)
+
+
+def read_staged(path: Path) -> Iterator[tuple[int, dict, list[str]]]:
+    """Yield `(position, tally, row_lines)` per staged record, in position order."""
+    with open(path, encoding="utf-8") as f:
+        pos, tally, rows = None, None, []
+        for line in f:
+            if line.startswith("@\t"):
+                if pos is not None:
+                    yield pos, tally, rows
+                _, p, t = line.split("\t", 2)
+                pos, tally, rows = int(p), json.loads(t), []
+            else:
+                rows.append(line)
+        if pos is not None:
+            yield pos, tally, rows
+
+
+def staging_path(folder: str | Path, chunk: Chunk, phase: str) -> Path:
+    """Where `phase` ("a": first pass, "b": conversations curated again) stages `chunk`'s rows."""
+    return Path(folder) / f"{phase}-{chunk.index:05d}.txt"
+
+
+def _staging_file(folder: str, chunk: Chunk, phase: str) -> IO[str]:
+    # A lone surrogate (JSON "\ud83d" in the log) cannot be UTF-8 encoded;
+    # backslashreplace writes it back as the same JSON escape, so the row
+    # still round-trips instead of the build failing.
+    return open(staging_path(folder, chunk, phase), "w", encoding="utf-8", errors="backslashreplace",
+                newline="\n")
+
+
+# --- the two worker entry points -----------------------------------------------------
+
+def stage_chunk(chunk: Chunk, options, staging: str | None) -> ChunkResult:
+    """Pass over one chunk: check every record; with a `staging` folder, curate and stage.
+
+    `options` is a build.BuildOptions. Without `staging` (validate only) no
+    rows are made. Raises UserError only for an unreadable file.
+    """
+    result = ChunkResult()
+    out = _staging_file(staging, chunk, "a") if staging else None
+    lines_out = [0]
+    try:
+        for pos, lineno, obj in iter_chunk(chunk, lines_out):
+            result.counts["records"] += 1
+            reason = obj.reason if isinstance(obj, Invalid) else validate_record(obj)
+            if reason is not None:
+                result.counts["invalid"] += 1
+                result.problems.append((lineno, reason))
+                continue
+            kind = obj["type"]
+            result.counts[kind] += 1
+            if kind == "conversation":
+                messages = obj["messages"]
+                if out and any(m.get("feedback") is not None or m.get("corrects") is not None for m in messages):
+                    conv = build_record(obj)
+                    curated = rules.curate_conversation(conv, None, options.correction_prompt)
+                    split = rules.split_of(options.seed, "conversation", conv.conversation_id, options.eval_fraction)
+                    stage_curated(out, pos, curated, split, conv.conversation_id)
+                    unused = curated.unused
+                else:
+                    unused = sum(m["role"] == "assistant" for m in messages)
+                result.conversations.append((obj["conversation_id"], pos, unused))
+            elif kind == "comparison":
+                if out:
+                    comp = build_record(obj)
+                    split = rules.split_of(options.seed, "comparison", comp.comparison_id, options.eval_fraction)
+                    stage_curated(out, pos, rules.curate_comparison(comp), split, None)
+                result.comparisons.append((obj["comparison_id"], pos))
+            else:
+                result.feedback.append((lineno, build_record(obj)))
+    finally:
+        if out:
+            out.close()
+    result.lines = lines_out[0]
+    return result
+
+
+def join_feedback(conv: Conversation, items: list[tuple[object, FeedbackRecord]]):
+    """Split-out feedback of `conv` by message id, and the records that match no assistant message.
+
+    `items` are `(where, record)`; the unmatched come back as `(where, record, reason)`.
+    """
+    roles = {m.id: m.role for m in conv.messages}
+    joined: dict[str, list] = {}
+    lost = []
+    for where, rec in items:
+        role = roles.get(rec.message_id)
+        if role == "assistant":
+            joined.setdefault(rec.message_id, []).append(rec.feedback)
+        else:
+            lost.append((where, rec, "unknown_message" if role is None else "not_an_assistant_message"))
+    return joined, lost
+
+
+def restage_conversations(chunk: Chunk, requests: list[tuple[int, list[tuple[object, FeedbackRecord]]]],
+                          options, staging: str) -> tuple[list, dict[int, int]]:
+    """Curate again, with their split-out feedback, the conversations at the requested positions.
+
+    `requests`: `(position, [(where, record)])` sorted by position, `where`
+    locating each feedback record for the report. Returns the orphans
+    `[(where, record, reason)]` and `{position: unused assistant messages}`.
+    """
+    feedback = dict(requests)
+    orphans, unused = [], {}
+    with _staging_file(staging, chunk, "b") as out:
+        for pos, obj in fetch_records(chunk, [p for p, _ in requests]):
+            if validate_record(obj) is not None or obj["type"] != "conversation":
+                raise UserError(f"{chunk.path}: changed while edgetune was reading it; run the build again")
+            conv = build_record(obj)
+            joined, lost = join_feedback(conv, feedback[pos])
+            orphans += lost
+            curated = rules.curate_conversation(conv, joined, options.correction_prompt)
+            split = rules.split_of(options.seed, "conversation", conv.conversation_id, options.eval_fraction)
+            stage_curated(out, pos, curated, split, conv.conversation_id)
+            unused[pos] = curated.unused
+    return orphans, unused

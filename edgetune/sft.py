@@ -1,0 +1,316 @@
+"""Supervised fine-tuning with LoRA on MLX: `edgetune sft RECIPE`.
+
+Reads rows (an `edgetune data build` folder or common chat formats), tokenises
+them with the model's chat template (loss on completion tokens only, end of
+turn included), packs them into rows without cross-attention, and runs the
+shared training loop with a loss that computes the output head only at
+supervised positions — prompt positions never pay for the vocabulary matmul.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgetune import checkpoint as ckpt
+from edgetune.errors import UserError
+from edgetune.fileio import sha256_file, write_json
+from edgetune.losses import sft_loss
+from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, save_adapter, trainable_count
+from edgetune.packing import check_packing_supported, packing_caches
+from edgetune.runtime import blas_info, mlx_core
+from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, restore, train
+
+mx = mlx_core()
+import mlx.optimizers as optim  # noqa: E402
+
+# Selected-position counts are rounded up to this, so the compiled step sees
+# few distinct shapes (each new shape costs a trace).
+SELECT_BUCKET = 64
+
+
+def hidden_states(model, tokens, segment_ids=None):
+    """Final-norm hidden states [B, T, D]; block-diagonal attention when `segment_ids` is given."""
+    cache = packing_caches(model, segment_ids) if segment_ids is not None else None
+    return model.model(tokens, cache)
+
+
+def output_logits(model, h):
+    """Apply the output head (untied `lm_head` or tied embeddings) to hidden states."""
+    if hasattr(model, "lm_head"):
+        return model.lm_head(h)
+    return model.model.embed_tokens.as_linear(h)
+
+
+def selected_logits(model, tokens, select, segment_ids=None):
+    """Logits only at the flat positions `select` [S] of the [B, T] batch -> [S, V]."""
+    h = hidden_states(model, tokens, segment_ids)
+    h = h.reshape(-1, h.shape[-1])[select]
+    return output_logits(model, h)
+
+
+def sft_loss_fn(model, tokens, select, targets, weights, segment_ids=None):
+    """(loss_sum, n_supervised) for one micro-batch; see `losses.sft_loss`."""
+    return sft_loss(selected_logits(model, tokens, select, segment_ids), targets, weights)
+
+
+def to_micro_batch(batch) -> MicroBatch:
+    """numpy Batch (from sft_data) -> the arrays `sft_loss_fn` takes."""
+    mask = batch.loss_mask.reshape(-1)
+    flat = np.nonzero(mask > 0)[0]
+    n = max(len(flat), 1)
+    size = -(-n // SELECT_BUCKET) * SELECT_BUCKET
+    select = np.zeros(size, np.int32)
+    select[: len(flat)] = flat
+    weights = np.zeros(size, np.float32)
+    weights[: len(flat)] = mask[flat]
+    targets = batch.targets.reshape(-1)[select].astype(np.int32)
+    arrays = (mx.array(batch.tokens), mx.array(select), mx.array(targets), mx.array(weights))
+    packed = bool((batch.segment_ids.max(axis=1) > 1).any())
+    if packed:
+        arrays += (mx.array(batch.segment_ids),)
+    return MicroBatch(arrays, int((batch.segment_ids > 0).sum()), list(batch.example_ids),
+                      "packed" if packed else "plain")
+
+
+@dataclass
+class PreparedData:
+    train: list
+    eval: list
+    stats: dict
+    files: dict  # path -> sha256
+
+
+def prepare_data(recipe, tokenizer, vocab_size: int, echo) -> PreparedData:
+    from edgetune.sft_data import load_sft_rows, tokenize_dataset
+
+    cfg = recipe.sft
+    splits, stats, files = {}, {}, {}
+    for split in ("train", "eval"):
+        rows = load_sft_rows(recipe.data, split)
+        examples, split_stats = tokenize_dataset(rows, tokenizer, cfg.max_seq_len, cfg.truncation, vocab_size)
+        splits[split], stats[split] = examples, split_stats
+    if not splits["train"]:
+        raise UserError(f"data: no SFT training rows left in {recipe.data} (after truncation/drops: {stats['train']})")
+    for p in _data_files(recipe.data):
+        files[str(p)] = sha256_file(p)
+    echo(f"data: {len(splits['train'])} train / {len(splits['eval'])} eval examples; {stats['train']}")
+    return PreparedData(splits["train"], splits["eval"], stats, files)
+
+
+def _data_files(data) -> list[Path]:
+    from edgetune.sft_data import data_files
+
+    return data_files(data)
+
+
+def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """Train per `recipe`; returns the summary dict (also written to summary.json)."""
+    from edgetune.models import load_for_training
+    from edgetune.recipe import recipe_to_dict
+    from edgetune.sft_data import make_batches, padding_fraction
+
+    cfg = recipe.sft
+    out = Path(recipe.output)
+    checkpoints = out / "checkpoints"
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not force:
+            raise UserError(f"{out}: run folder already has files; pass --resume to continue it or --force to start over")
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    loaded = load_for_training(recipe.model, recipe.quantize, recipe.revision, recipe.trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    echo(f"model: {recipe.model} ({loaded.config.get('model_type')}); {loaded.why_dtype}; BLAS: {blas_info()['why']}")
+    if cfg.packing:
+        check_packing_supported(loaded.config.get("model_type", "?"))
+    data = prepare_data(recipe, tokenizer, loaded.config["vocab_size"], echo)
+
+    spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets),
+                    None if cfg.lora.layers in (None, "all") else int(cfg.lora.layers))
+    adapter_cfg = attach_lora(model, spec, cfg.seed)
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    echo(f"LoRA: rank {spec.rank}, alpha {spec.alpha}, {len(adapter_cfg['lora_parameters']['keys'])} targets "
+         f"x {adapter_cfg['num_layers']} layers = {trainable_count(model):,} trainable parameters")
+
+    epoch_batches: dict[int, list] = {}
+
+    def batches_of(epoch: int) -> list:
+        if epoch not in epoch_batches:
+            epoch_batches.clear()  # one epoch in memory at a time
+            epoch_batches[epoch] = make_batches(data.train, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed, epoch)
+        return epoch_batches[epoch]
+
+    per_epoch = len(batches_of(0))
+    echo(f"batches: {per_epoch} per epoch, padding {padding_fraction(batches_of(0)):.1%}")
+    steps = cfg.steps or max(1, -(-int(cfg.epochs * per_epoch) // cfg.grad_accumulation))
+
+    def micro_batch(cursor: int) -> MicroBatch:
+        return to_micro_batch(batches_of(cursor // per_epoch)[cursor % per_epoch])
+
+    schedule = make_schedule(cfg.lr_schedule, cfg.learning_rate, steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    mx.random.seed(cfg.seed)  # dropout stream; restored from the checkpoint on resume
+
+    manifest = {
+        "stage": "sft",
+        "recipe": recipe_to_dict(recipe),
+        "data_files": data.files,
+        "data_stats": data.stats,
+        "model_path": str(loaded.path),
+        "dtype": loaded.why_dtype,
+        "steps": steps,
+        "batches_per_epoch": per_epoch,
+        "trainable_parameters": trainable_count(model),
+        "environment": environment(),
+    }
+    state = ckpt.TrainerState(step=0, cursor=0)
+    if resume:
+        found = ckpt.latest_valid(checkpoints, warn=lambda m: echo(f"warning: {m}"))
+        if found is not None:
+            _check_resumable(out / "manifest.json", manifest)
+            state = restore(found, model, optimizer, lambda f: load_adapter_weights(model, f))
+            echo(f"resuming from {found.name} (step {state.step}, {state.cursor} micro-batches consumed)")
+        else:
+            echo("no complete checkpoint found: starting from step 0")
+    write_json(out / "manifest.json", manifest)
+    metrics = _MetricsFile(out / "metrics.jsonl", keep_until_step=state.step)
+
+    eval_batches = [to_micro_batch(b) for b in make_batches(data.eval, cfg.batch_size, cfg.max_seq_len,
+                                                             cfg.packing, cfg.seed, 0)] if data.eval else []
+
+    def evaluate() -> dict:
+        return evaluate_loss(model, eval_batches)
+
+    def save(folder: Path) -> None:
+        save_adapter(model, adapter_cfg, folder)
+
+    settings = LoopSettings(steps, cfg.grad_accumulation, cfg.max_grad_norm, cfg.save_every, cfg.eval_every,
+                            cfg.keep_checkpoints, cfg.max_nonfinite_steps, cfg.log_every)
+    t0 = time.perf_counter()
+    model.train()
+    state = train(model, optimizer, sft_loss_fn, micro_batch, settings, checkpoints, save, state,
+                  evaluate if eval_batches else None, metrics.write, echo)
+    elapsed = time.perf_counter() - t0
+    model.eval()
+
+    # The final adapter: the last step's weights (the best-by-eval copy stays in checkpoints/best).
+    save_adapter(model, adapter_cfg, out / "adapter")
+    summary = metrics.summary()
+    summary.update({"steps": steps, "elapsed_s": elapsed, "adapter": str(out / "adapter"),
+                    "best_checkpoint": str(checkpoints / "best") if (checkpoints / "best").exists() else None,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9})
+    write_json(out / "summary.json", summary)
+    echo(summary_text(recipe, summary))
+    return summary
+
+
+def evaluate_loss(model, batches: list[MicroBatch]) -> dict:
+    """Mean supervised-token loss and perplexity over pre-built eval batches."""
+    total, count = 0.0, 0.0
+    for b in batches:
+        loss, n = sft_loss_fn(model, *b.arrays)
+        mx.eval(loss, n)
+        total, count = total + float(loss), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def _check_resumable(path: Path, new: dict) -> None:
+    """Refuse to resume when the data or training recipe changed since the checkpoint."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if old.get("data_files") != new["data_files"]:
+        raise UserError(f"{path.parent}: the training data changed since this run's checkpoints; "
+                        "start a new run (another `output:`) or --force to start over")
+    old_sft, new_sft = old.get("recipe", {}).get("sft", {}), new["recipe"].get("sft", {})
+    changed = sorted(k for k in set(old_sft) | set(new_sft)
+                     if k not in ("steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every")
+                     and old_sft.get(k) != new_sft.get(k))
+    if changed:
+        raise UserError(f"{path.parent}: cannot resume, recipe keys changed since the checkpoint: "
+                        + ", ".join(f"sft.{k}" for k in changed))
+
+
+class _MetricsFile:
+    """metrics.jsonl, appended per step; on resume, lines after the checkpoint step are dropped
+    (those steps are redone), so the file always describes one consistent trajectory."""
+
+    def __init__(self, path: Path, keep_until_step: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash
+                if rec.get("step", 0) <= keep_until_step:
+                    kept.append(line)
+        from edgetune.fileio import atomic_write
+
+        with atomic_write(path) as f:
+            f.writelines(line + "\n" for line in kept)
+        self.records = [json.loads(line) for line in kept]
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def summary(self) -> dict:
+        steps = [r for r in self.records if "loss" in r and r.get("loss") is not None]
+        evals = [r for r in self.records if "eval" in r]
+        tokens = sum(r.get("tokens", 0) for r in steps)
+        return {
+            "first_loss": steps[0]["loss"] if steps else None,
+            "final_loss": steps[-1]["loss"] if steps else None,
+            "final_eval": evals[-1]["eval"] if evals else None,
+            "best_eval_loss": min((r["eval"]["loss"] for r in evals), default=None),
+            "tokens": tokens,
+            "skipped_steps": sum(1 for r in self.records if r.get("skipped")),
+        }
+
+
+def environment() -> dict:
+    import mlx_lm
+
+    import edgetune
+
+    return {
+        "edgetune": edgetune.__version__,
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(mx.default_device()),
+        "blas": blas_info(),
+    }
+
+
+def summary_text(recipe, s: dict) -> str:
+    ev = s.get("final_eval") or {}
+    lines = [
+        "",
+        "SFT finished",
+        f"  steps            {s['steps']} in {s['elapsed_s']:.1f} s",
+        f"  train loss       {s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s.get("final_loss") is not None else "",
+        f"  eval loss        {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})" if ev else "  eval loss        (no eval split)",
+        f"  peak memory      {s['peak_memory_gb']:.2f} GB (MLX)",
+        f"  adapter          {s['adapter']}",
+        f"  try it           mlx_lm.generate --model {recipe.model} --adapter-path {s['adapter']} --prompt \"...\"",
+    ]
+    return "\n".join(line for line in lines if line)

@@ -1,0 +1,24 @@
+"""`edgetune sft` (and later `dpo`, `kto`): run one training stage from a recipe."""
+
+from __future__ import annotations
+
+import click
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set sft.steps=20 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the run folder.")
+@click.option("--force", is_flag=True, help="Delete an existing run folder and start over.")
+def sft(recipe_path: str, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
+    """LoRA supervised fine-tuning on MLX, as the recipe's `sft:` section says."""
+    from edgetune.recipe import load_recipe
+    from edgetune.sft import run_sft
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    run_sft(recipe, resume=resume, force=force, echo=_echo)

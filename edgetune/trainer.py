@@ -1,0 +1,211 @@
+"""The one training loop shared by SFT, DPO, KTO and ORPO.
+
+Algorithms pass in what differs: a loss function `loss_fn(model, *arrays) ->
+(loss_sum, n_tokens, *aux)` and `micro_batch(cursor) -> arrays`. This module owns
+what must not differ: compiled steps, token-normalised gradient accumulation,
+the non-finite guard, checkpoints, exact resume, evaluation cadence and
+progress. Callbacks only report; they never change training.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from edgetune import checkpoint as ckpt
+from edgetune.errors import UserError
+from edgetune.fileio import atomic_dir
+from edgetune.runtime import mlx_core
+
+mx = mlx_core()
+import mlx.nn as nn  # noqa: E402  (after the fast-BLAS set-up above)
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    grad_accumulation: int = 1
+    max_grad_norm: float | None = 1.0
+    save_every: int = 100
+    eval_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5
+    log_every: int = 10
+
+
+@dataclass
+class MicroBatch:
+    """What the loop needs from an algorithm's batch."""
+
+    arrays: tuple  # mx arrays passed to loss_fn after the model
+    n_tokens: int  # non-padding tokens, for tokens/s
+    example_ids: list[str] = field(default_factory=list)
+    compile_key: str = ""  # batches with different static structure compile separately
+
+
+def make_schedule(kind: str, lr: float, steps: int, warmup: int, min_lr_ratio: float = 0.0):
+    """Warm-up then constant / cosine / linear decay, as a function of the optimizer step."""
+    decay_steps = max(steps - warmup, 1)
+    end = lr * min_lr_ratio
+    if kind == "constant":
+        main = lambda step: mx.array(lr, mx.float32)  # noqa: E731
+    elif kind == "cosine":
+        main = optim.cosine_decay(lr, decay_steps, end)
+    elif kind == "linear":
+        main = optim.linear_schedule(lr, end, decay_steps)
+    else:
+        raise UserError(f"lr_schedule: {kind!r} is not one of constant, cosine, linear")
+    if warmup <= 0:
+        return main
+    return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def peak_memory_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(
+    model,
+    optimizer,
+    loss_fn: Callable,
+    micro_batch: Callable[[int], MicroBatch],
+    settings: LoopSettings,
+    checkpoint_dir: Path,
+    save_adapter: Callable[[Path], None],
+    state: ckpt.TrainerState,
+    evaluate: Callable[[], dict] | None = None,
+    report: Callable[[dict], None] = lambda record: None,
+    echo: Callable[[str], None] = print,
+) -> ckpt.TrainerState:
+    """Run optimizer steps `state.step+1 .. settings.steps`.
+
+    `state` (and the optimizer/RNG/adapter, restored by the caller) say where
+    to start, so a resumed run continues exactly where the checkpoint left it.
+    `report(record)` receives one dict per step and per evaluation
+    (written to metrics.jsonl by the caller). Raises UserError after
+    `max_nonfinite_steps` consecutive non-finite steps.
+    """
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    # Declaring the model/RNG state as compile inputs and outputs is what makes the
+    # compiled step see updated LoRA weights (otherwise they are baked in as constants).
+    grad_state = [model.state, mx.random.state]
+    full_state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=grad_state, outputs=grad_state)
+    def grad_step(*arrays):
+        (loss, ntoks, *_), grads = loss_and_grad(model, *arrays)
+        return loss, ntoks, grads
+
+    @partial(mx.compile, inputs=full_state, outputs=full_state)
+    def apply_update(grads, ntoks):
+        # Normalise by the supervised-token count of the whole accumulated batch.
+        grads = tree_map(lambda g: g / ntoks, grads)
+        if settings.max_grad_norm:
+            grads, norm = optim.clip_grad_norm(grads, settings.max_grad_norm)
+        else:
+            norm = mx.sqrt(sum(mx.sum(g * g) for _, g in tree_flatten(grads)))
+        optimizer.update(model, grads)
+        return norm
+
+    def grad_norm(grads, ntoks):
+        return mx.sqrt(sum(mx.sum(mx.square(g / ntoks)) for _, g in tree_flatten(grads)))
+
+    started = time.perf_counter()
+    tokens_seen = 0
+    first_step = state.step
+    for step in range(state.step + 1, settings.steps + 1):
+        step_started = time.perf_counter()
+        grads_sum, loss_sum, ntoks_sum, n_tokens, ids = None, 0.0, 0.0, 0, []
+        for _ in range(settings.grad_accumulation):
+            batch = micro_batch(state.cursor)
+            state.cursor += 1
+            loss, ntoks, grads = grad_step(*batch.arrays)
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
+            n_tokens += batch.n_tokens
+            ids.extend(batch.example_ids)
+            mx.eval(loss_sum, ntoks_sum, grads_sum)
+        ntoks_total = float(ntoks_sum)
+        step_loss = float(loss_sum) / max(ntoks_total, 1.0)
+        norm = float(grad_norm(grads_sum, max(ntoks_total, 1.0))) if ntoks_total else 0.0
+        if not (math.isfinite(step_loss) and math.isfinite(norm)):
+            # Skip the update: one bad batch must not poison the adapter.
+            state.nonfinite_in_row += 1
+            echo(f"warning: step {step}: non-finite loss or gradient; update skipped "
+                 f"(examples: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''})")
+            report({"step": step, "skipped": True, "loss": None, "examples": ids})
+            if state.nonfinite_in_row >= settings.max_nonfinite_steps:
+                raise UserError(
+                    f"training stopped: {state.nonfinite_in_row} non-finite steps in a row (last at step {step}); "
+                    "lower the learning rate, check the data named above, or raise max_nonfinite_steps"
+                )
+            state.step = step
+            continue
+        state.nonfinite_in_row = 0
+        if ntoks_total:
+            apply_update(grads_sum, mx.array(ntoks_total, mx.float32))
+            mx.eval(model.trainable_parameters(), optimizer.state)
+        state.step = step
+        now = time.perf_counter()
+        tokens_seen += n_tokens
+        rate = tokens_seen / max(now - started, 1e-9)
+        lr = float(optimizer.learning_rate)
+        record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": norm, "tokens": n_tokens,
+                  "supervised_tokens": int(ntoks_total), "tok_s": n_tokens / max(now - step_started, 1e-9),
+                  "peak_memory_gb": peak_memory_gb()}
+        report(record)
+        if step % settings.log_every == 0 or step == settings.steps or step == first_step + 1:
+            eta = (settings.steps - step) * (now - started) / max(step - first_step, 1)
+            echo(f"step {step}/{settings.steps} | loss {step_loss:.4f} | lr {lr:.2e} | "
+                 f"{rate:,.0f} tok/s | peak {record['peak_memory_gb']:.2f} GB | ETA {_fmt_eta(eta)}")
+
+        is_best = False
+        if evaluate and ((settings.eval_every and step % settings.eval_every == 0) or step == settings.steps):
+            metrics = evaluate()
+            report({"step": step, "eval": metrics})
+            echo(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if state.best_eval_loss is None or metrics["loss"] < state.best_eval_loss:
+                state.best_eval_loss, is_best = metrics["loss"], True
+        if is_best or (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
+            _save(checkpoint_dir, state, save_adapter, optimizer, best=is_best)
+            ckpt.prune(checkpoint_dir, settings.keep_checkpoints)
+    return state
+
+
+def _save(root: Path, state: ckpt.TrainerState, save_adapter, optimizer, best: bool = False) -> None:
+    opt_state = dict(tree_flatten(optimizer.state))
+    path = ckpt.save_checkpoint(root, state, save_adapter, opt_state, list(mx.random.state))
+    if best:
+        # `best/` is a copy, so pruning old step folders never removes the best weights.
+        with atomic_dir(Path(root) / "best", replace=True) as tmp:
+            for f in path.iterdir():
+                shutil.copy2(f, tmp / f.name)
+
+
+def restore(folder: Path, model, optimizer, load_adapter: Callable[[Path], None]) -> ckpt.TrainerState:
+    """Load a checkpoint into model/optimizer/RNG; returns its TrainerState."""
+    state, opt_state, rng_state = ckpt.load_checkpoint(folder)
+    load_adapter(folder)
+    optimizer.init(model.trainable_parameters())
+    if opt_state:
+        optimizer.state = tree_unflatten(list(opt_state.items()))
+        optimizer.init(model.trainable_parameters())  # marks it initialised, keeps loaded values
+    for i, a in enumerate(rng_state):
+        mx.random.state[i] = a
+    mx.eval(model.parameters(), optimizer.state)
+    return state

@@ -1,0 +1,189 @@
+"""Scale benchmark of `edgetune data build` (not a test: it takes a minute or two).
+
+Writes a synthetic feedback log of N events (records) and builds it with the
+real CLI in a subprocess, then prints events/s and the build's peak RSS
+(`resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`, which is the largest RSS of
+any waited-for child: the build process).
+
+The log: conversations of 2-12 messages (85% of events), 30% of them with
+inline feedback (ratings, correction chains, edits), split-out `feedback`
+records (5%, a few orphaned), comparisons (10%, some ties), repeated
+conversation ids (newer versions), exact duplicate exchanges, and PII in some
+user messages. Text lengths: user messages ~20-400 characters, assistant
+~80-1,500.
+
+Targets (issue 2): >= 50,000 events/s and peak RSS < 1 GiB on a 2-core machine.
+
+    python scripts/bench_data.py                 # 1,000,000 events
+    python scripts/bench_data.py --events 100000 --keep /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ra", "to", "su", "pe", "di", "an", "or", "el", "ti", "us", "ba", "co"]
+_COMMON = ("the a to of and in is it you that for on with as this be can your are we not if or at by "
+           "from file data model error config server user request value time code list function").split()
+_PII = ["reach me at jane.doe{n}@example.com", "call +1 415 555 {n:04d}", "my card is 4111 1111 1111 1111",
+        "the server at 10.0.{a}.{b} is down", "phone (212) 555-{n:04d} after 5pm", "ip 2001:db8::{n:x} fails"]
+
+
+def _vocabulary(rng: random.Random, size: int = 3000) -> list[str]:
+    words = set(_COMMON)
+    while len(words) < size:
+        words.add("".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4))))
+    return sorted(words)
+
+
+class LogWriter:
+    """Deterministic synthetic events; `event()` returns one JSON line."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        words = _vocabulary(self.rng)
+        # Texts are drawn from a pool of sentences: fast to generate, and the
+        # exact repeats that real logs have (dedup) come from the pool reuse.
+        self.sentences = [" ".join(self.rng.choices(words, k=self.rng.randint(4, 18))).capitalize() + "."
+                          for _ in range(20000)]
+        self.recent: list[tuple[str, list[str]]] = []  # (conversation id, assistant ids) for feedback lines
+        self.n_conv = self.n_cmp = 0
+        self.canned = [(self.text(1, 4), self.text(2, 8)) for _ in range(50)]  # FAQ-like repeats
+
+    def text(self, lo: int, hi: int) -> str:
+        return " ".join(self.rng.choices(self.sentences, k=self.rng.randint(lo, hi)))
+
+    def user_text(self) -> str:
+        t = self.text(1, 4)
+        if self.rng.random() < 0.05:
+            r = self.rng
+            t += " " + r.choice(_PII).format(n=r.randrange(10000), a=r.randrange(256), b=r.randrange(1, 255))
+        return t
+
+    def event(self) -> str:
+        r = self.rng.random()
+        if r < 0.05 and self.recent:
+            return json.dumps(self.feedback())
+        if r < 0.15:
+            return json.dumps(self.comparison())
+        return json.dumps(self.conversation())
+
+    def feedback(self) -> dict:
+        rng = self.rng
+        if rng.random() < 0.02:  # orphan: a conversation that is not in the log
+            return {"type": "feedback", "conversation_id": f"gone-{rng.randrange(10**6)}", "message_id": "m1",
+                    "rating": "up"}
+        cid, assistant_ids = rng.choice(self.recent)
+        rec = {"type": "feedback", "conversation_id": cid, "message_id": rng.choice(assistant_ids),
+               "timestamp": "2026-10-02T09:15:00Z"}
+        if rng.random() < 0.8:
+            rec["rating"] = rng.choice(["up", "down", 1, -1, True])
+        else:
+            rec["edited_content"] = self.text(2, 6)
+        return rec
+
+    def comparison(self) -> dict:
+        rng = self.rng
+        self.n_cmp += 1
+        ids = ("a", "b")
+        return {"type": "comparison", "comparison_id": f"x-{self.n_cmp}", "persona": rng.choice(_PERSONAS),
+                "prompt": [{"role": "user", "content": self.user_text()}],
+                "responses": [{"id": i, "content": self.text(2, 10)} for i in ids],
+                "preferred": rng.choice(["a", "b", "a", "b", "tie"])}
+
+    def conversation(self) -> dict:
+        rng = self.rng
+        if self.recent and rng.random() < 0.02:  # a newer version of an earlier conversation
+            cid = rng.choice(self.recent)[0]
+        else:
+            self.n_conv += 1
+            cid = f"c-{self.n_conv}"
+        messages = []
+        if rng.random() < 0.3:
+            messages.append({"id": "m0", "role": "system", "content": "You are a helpful assistant for our app."})
+        n = rng.randint(2, 12)
+        canned = rng.choice(self.canned) if rng.random() < 0.03 else None
+        for i in range(1, n + 1):
+            role = "user" if i % 2 else "assistant"
+            if canned:
+                content = canned[0] if role == "user" else canned[1]
+            else:
+                content = self.user_text() if role == "user" else self.text(2, 14)
+            messages.append({"id": f"m{i}", "role": role, "content": content})
+        assistant = [m for m in messages if m["role"] == "assistant"]
+        if assistant and rng.random() < 0.3:
+            for m in rng.sample(assistant, k=min(len(assistant), rng.randint(1, 2))):
+                m["feedback"] = {"rating": rng.choice(["up", "up", "down"])}
+            if len(assistant) >= 2 and rng.random() < 0.25:  # correction of the first answer
+                assistant[0]["feedback"] = {"rating": "down"}
+                assistant[1]["corrects"] = assistant[0]["id"]
+            if rng.random() < 0.1:
+                m = rng.choice(assistant)
+                m.setdefault("feedback", {})["edited_content"] = self.text(2, 8)
+        if assistant:
+            self.recent.append((cid, [m["id"] for m in assistant]))
+            if len(self.recent) > 1000:
+                self.recent.pop(0)
+        rec = {"type": "conversation", "conversation_id": cid, "timestamp": "2026-10-02T09:14:00Z",
+               "metadata": {"app": "bench"}, "messages": messages}
+        if rng.random() < 0.8:
+            rec["persona"] = rng.choice(_PERSONAS)
+        return rec
+
+
+_PERSONAS = ["analyst", "novice", "developer", "support", "manager"]
+
+
+def write_log(path: Path, events: int, seed: int = 0) -> int:
+    writer = LogWriter(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(events):
+            f.write(writer.event() + "\n")
+    return path.stat().st_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, help="keep the log and outputs in this folder")
+    args = ap.parse_args()
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="edgetune-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log, out = work / "log.jsonl", work / "out"
+    try:
+        t0 = time.perf_counter()
+        size = write_log(log, args.events, args.seed)
+        print(f"generated {args.events:,} events ({size / 2**20:,.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+        cmd = [sys.executable, "-c", "from edgetune.cli import main; main()", "data", "build", str(log),
+               "--out", str(out), "--force"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+        if proc.returncode:
+            sys.exit(f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        print(proc.stdout)
+        report = json.loads((out / "report.json").read_text())
+        rows = sum(o["rows"] for split in report["outputs"].values() for o in split.values())
+        print(f"events: {args.events:,}  build: {seconds:.1f} s  {args.events / seconds:,.0f} events/s  "
+              f"peak RSS: {peak:,.0f} MiB  rows written: {rows:,}")
+        ok = args.events / seconds >= 50_000 and peak < 1024
+        print("targets (>= 50,000 events/s, < 1 GiB):", "met" if ok else "NOT met")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
