@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding the adapter
 weights, the optimizer state (which carries the step count the LR schedule
-reads), the RNG state, the data cursor and a `MANIFEST.json` of sha256
+reads), the data cursor (the data order and the dropout RNG are pure functions
+of seed and cursor, so they need no state of their own) and a `MANIFEST.json` of sha256
 checksums. It is written into a hidden temp folder and renamed into place, so
 a folder with the final name is complete unless something later damaged it;
 `latest_valid` re-checks the checksums and skips (with a warning) any folder
@@ -42,7 +43,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(root: Path, state: TrainerState, adapter_files: Callable[[Path], None],
-                    optimizer_state: dict, rng_state: list) -> Path:
+                    optimizer_state: dict) -> Path:
     """Write one checkpoint atomically; `adapter_files(folder)` writes the adapter into it."""
     mx = mlx_core()
     final = Path(root) / checkpoint_name(state.step)
@@ -50,7 +51,6 @@ def save_checkpoint(root: Path, state: TrainerState, adapter_files: Callable[[Pa
         adapter_files(tmp)
         if optimizer_state:
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state)
-        mx.save_safetensors(str(tmp / "rng.safetensors"), {f"rng.{i}": a for i, a in enumerate(rng_state)})
         write_json(tmp / "trainer_state.json", state.to_json())
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         write_json(tmp / "MANIFEST.json", {"files": {n: sha256_file(tmp / n) for n in files}})
@@ -91,14 +91,12 @@ def latest_valid(root: Path, warn: Callable[[str], None]) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path) -> tuple[TrainerState, dict, list]:
+def load_checkpoint(folder: Path) -> tuple[TrainerState, dict]:
     mx = mlx_core()
     state = TrainerState(**json.loads((folder / "trainer_state.json").read_text()))
     opt_path = folder / "optimizer.safetensors"
     optimizer_state = mx.load(str(opt_path)) if opt_path.exists() else {}
-    rng = mx.load(str(folder / "rng.safetensors"))
-    rng_state = [rng[f"rng.{i}"] for i in range(len(rng))]
-    return state, optimizer_state, rng_state
+    return state, optimizer_state
 
 
 def prune(root: Path, keep_last: int, keep: set[str] = frozenset()) -> None:

@@ -100,7 +100,10 @@ def prepare_data(recipe, tokenizer, vocab_size: int, echo) -> PreparedData:
         raise UserError(f"data: no SFT training rows left in {recipe.data} (after truncation/drops: {stats['train']})")
     for p in _data_files(recipe.data):
         files[str(p)] = sha256_file(p)
-    echo(f"data: {len(splits['train'])} train / {len(splits['eval'])} eval examples; {stats['train']}")
+    t = stats["train"]
+    echo(f"data: {len(splits['train'])} train / {len(splits['eval'])} eval examples, "
+         f"{t.get('tokens', 0):,} tokens ({t.get('supervised_tokens', 0):,} supervised); "
+         f"truncated {t.get('truncated', 0)}, dropped {t.get('dropped_too_long', 0) + t.get('dropped_completion_too_long', 0)}")
     return PreparedData(splits["train"], splits["eval"], stats, files)
 
 
@@ -190,6 +193,8 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
 
     eval_batches = [to_micro_batch(b) for b in make_batches(data.eval, cfg.batch_size, cfg.max_seq_len,
                                                              cfg.packing, cfg.seed, 0)] if data.eval else []
+    if cfg.eval_batches:
+        eval_batches = eval_batches[: cfg.eval_batches]
 
     def evaluate() -> dict:
         return evaluate_loss(model, eval_batches)
@@ -198,7 +203,7 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
         save_adapter(model, adapter_cfg, folder)
 
     settings = LoopSettings(steps, cfg.grad_accumulation, cfg.max_grad_norm, cfg.save_every, cfg.eval_every,
-                            cfg.keep_checkpoints, cfg.max_nonfinite_steps, cfg.log_every)
+                            cfg.keep_checkpoints, cfg.max_nonfinite_steps, cfg.log_every, seed=cfg.seed)
     t0 = time.perf_counter()
     model.train()
     state = train(model, optimizer, sft_loss_fn, micro_batch, settings, checkpoints, save, state,

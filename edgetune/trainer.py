@@ -38,6 +38,8 @@ class LoopSettings:
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5
     log_every: int = 10
+    compile: bool = True  # off only in tests that compare against the eager step
+    seed: int = 0  # dropout randomness is re-seeded per micro-batch from (seed, cursor)
 
 
 @dataclass
@@ -79,6 +81,47 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def make_grad_step(model, loss_fn: Callable, compile: bool = True) -> Callable:
+    """`grad_step(*arrays) -> (loss_sum, n_tokens, grads)` for one micro-batch."""
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def grad_step(*arrays):
+        (loss, ntoks, *_), grads = loss_and_grad(model, *arrays)
+        return loss, ntoks, grads
+
+    if not compile:
+        return grad_step
+    # Declaring the model/RNG state as compile inputs and outputs is what makes the
+    # compiled step see updated LoRA weights (otherwise they are baked in as constants).
+    state = [model.state, mx.random.state]
+    return partial(mx.compile, inputs=state, outputs=state)(grad_step)
+
+
+def accumulate(grad_step: Callable, batches: list[MicroBatch], seeds: list[int] | None = None):
+    """Summed loss, token count and gradients over micro-batches (not yet normalised).
+
+    Because losses are sums, batch 4 x accumulation 1 and batch 1 x
+    accumulation 4 give the same totals (tests/test_trainer.py).
+    """
+    grads_sum, loss_sum, ntoks_sum = None, 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if seeds is not None:
+            mx.random.seed(seeds[i])
+        loss, ntoks, grads = grad_step(*batch.arrays)
+        grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+        loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
+        mx.eval(loss_sum, ntoks_sum, grads_sum)  # bounded graph per micro-batch
+    return loss_sum, ntoks_sum, grads_sum
+
+
+def micro_seed(seed: int, cursor: int) -> int:
+    return (seed * 1_000_003 + cursor) % (2**63)
+
+
+def global_norm(grads) -> "mx.array":
+    return mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+
+
 def train(
     model,
     optimizer,
@@ -100,49 +143,35 @@ def train(
     (written to metrics.jsonl by the caller). Raises UserError after
     `max_nonfinite_steps` consecutive non-finite steps.
     """
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    # Declaring the model/RNG state as compile inputs and outputs is what makes the
-    # compiled step see updated LoRA weights (otherwise they are baked in as constants).
-    grad_state = [model.state, mx.random.state]
+    grad_step = make_grad_step(model, loss_fn, settings.compile)
     full_state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=grad_state, outputs=grad_state)
-    def grad_step(*arrays):
-        (loss, ntoks, *_), grads = loss_and_grad(model, *arrays)
-        return loss, ntoks, grads
-
-    @partial(mx.compile, inputs=full_state, outputs=full_state)
     def apply_update(grads, ntoks):
         # Normalise by the supervised-token count of the whole accumulated batch.
         grads = tree_map(lambda g: g / ntoks, grads)
         if settings.max_grad_norm:
-            grads, norm = optim.clip_grad_norm(grads, settings.max_grad_norm)
-        else:
-            norm = mx.sqrt(sum(mx.sum(g * g) for _, g in tree_flatten(grads)))
+            grads, _ = optim.clip_grad_norm(grads, settings.max_grad_norm)
         optimizer.update(model, grads)
-        return norm
 
-    def grad_norm(grads, ntoks):
-        return mx.sqrt(sum(mx.sum(mx.square(g / ntoks)) for _, g in tree_flatten(grads)))
+    if settings.compile:
+        apply_update = partial(mx.compile, inputs=full_state, outputs=full_state)(apply_update)
 
     started = time.perf_counter()
     tokens_seen = 0
     first_step = state.step
     for step in range(state.step + 1, settings.steps + 1):
         step_started = time.perf_counter()
-        grads_sum, loss_sum, ntoks_sum, n_tokens, ids = None, 0.0, 0.0, 0, []
-        for _ in range(settings.grad_accumulation):
-            batch = micro_batch(state.cursor)
-            state.cursor += 1
-            loss, ntoks, grads = grad_step(*batch.arrays)
-            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-            loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
-            n_tokens += batch.n_tokens
-            ids.extend(batch.example_ids)
-            mx.eval(loss_sum, ntoks_sum, grads_sum)
+        cursors = [state.cursor + i for i in range(settings.grad_accumulation)]
+        state.cursor += settings.grad_accumulation
+        batches = [micro_batch(c) for c in cursors]
+        # The RNG (dropout) is a pure function of (seed, cursor), so a resumed run
+        # draws exactly what the uninterrupted run drew: no RNG state to save.
+        loss_sum, ntoks_sum, grads_sum = accumulate(grad_step, batches, [micro_seed(settings.seed, c) for c in cursors])
+        n_tokens = sum(b.n_tokens for b in batches)
+        ids = [i for b in batches for i in b.example_ids]
         ntoks_total = float(ntoks_sum)
         step_loss = float(loss_sum) / max(ntoks_total, 1.0)
-        norm = float(grad_norm(grads_sum, max(ntoks_total, 1.0))) if ntoks_total else 0.0
+        norm = float(global_norm(grads_sum)) / max(ntoks_total, 1.0)
         if not (math.isfinite(step_loss) and math.isfinite(norm)):
             # Skip the update: one bad batch must not poison the adapter.
             state.nonfinite_in_row += 1
@@ -189,7 +218,7 @@ def train(
 
 def _save(root: Path, state: ckpt.TrainerState, save_adapter, optimizer, best: bool = False) -> None:
     opt_state = dict(tree_flatten(optimizer.state))
-    path = ckpt.save_checkpoint(root, state, save_adapter, opt_state, list(mx.random.state))
+    path = ckpt.save_checkpoint(root, state, save_adapter, opt_state)
     if best:
         # `best/` is a copy, so pruning old step folders never removes the best weights.
         with atomic_dir(Path(root) / "best", replace=True) as tmp:
@@ -199,13 +228,11 @@ def _save(root: Path, state: ckpt.TrainerState, save_adapter, optimizer, best: b
 
 def restore(folder: Path, model, optimizer, load_adapter: Callable[[Path], None]) -> ckpt.TrainerState:
     """Load a checkpoint into model/optimizer/RNG; returns its TrainerState."""
-    state, opt_state, rng_state = ckpt.load_checkpoint(folder)
+    state, opt_state = ckpt.load_checkpoint(folder)
     load_adapter(folder)
     optimizer.init(model.trainable_parameters())
     if opt_state:
         optimizer.state = tree_unflatten(list(opt_state.items()))
         optimizer.init(model.trainable_parameters())  # marks it initialised, keeps loaded values
-    for i, a in enumerate(rng_state):
-        mx.random.state[i] = a
     mx.eval(model.parameters(), optimizer.state)
     return state

@@ -278,11 +278,12 @@ def test_generated_emails_replaced(case):
 
 
 def _group_sizes(total: int, draw) -> list[int]:
+    """Split `total` (>= 2) digits into groups of 2 to 4, as printed numbers are."""
     sizes = []
     while total > 0:
-        size = min(total, draw(st.integers(2, 4)))
-        if total - size == 1:  # no 1-digit tail group
-            size += 1
+        size = draw(st.integers(2, min(4, total)))
+        if total - size == 1:  # never leave a 1-digit tail group
+            size = size - 1 if size > 2 else size + 1
         sizes.append(size)
         total -= size
     return sizes

@@ -41,7 +41,7 @@ from typing import Callable
 
 from edgetune.data import rules
 from edgetune.data.records import FeedbackRecord
-from edgetune.data.stage import (PII_KINDS, POSITION_BITS, Chunk, ChunkResult, read_staged, restage_conversations,
+from edgetune.data.stage import (NO_PII, PII_KINDS, POSITION_BITS, Chunk, ChunkResult, read_staged, restage_conversations,
                                  stage_chunk, staging_path)
 from edgetune.errors import InputError, UserError
 from edgetune.fileio import atomic_dir, sha256_file, write_json
@@ -302,7 +302,7 @@ class _Merge:
             self.written[rule, output] += 1
             self.personas[split, output][persona] += 1
             row_pii = None
-            if pii != "0,0,0,0":
+            if pii != NO_PII:
                 row_pii = Counter(dict(zip(PII_KINDS, map(int, pii.split(",")))))
                 self.pii.update(row_pii)
             if output == "sft" and self.capped:

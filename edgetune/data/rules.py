@@ -74,17 +74,21 @@ def _assistant(content: str) -> list[dict]:
     return [{"role": "assistant", "content": content}]
 
 
-def _context(messages: Sequence[Message], root: int, end: int, merge: bool) -> list[dict]:
-    """Prompt for message `end` whose chain starts at `root` (root == end: no chain)."""
-    prompt = [_turn(m) for m in messages[:root]]
+def _context(messages: Sequence[Message], turns: list[dict], root: int, end: int, merge: bool) -> list[dict]:
+    """Prompt for message `end` whose chain starts at `root` (root == end: no chain).
+
+    `turns` are the messages as prompt dicts, shared by the prompts of one
+    conversation (never mutated: merging replaces the dict it changes).
+    """
+    prompt = turns[:root]
     if not merge or root == end:
         return prompt
     follow_ups = [m.content for m in messages[root + 1:end] if m.role == "user"]
     if not follow_ups:
         return prompt
-    for turn in reversed(prompt):
-        if turn["role"] == "user":
-            turn["content"] = "\n\n".join([turn["content"], *follow_ups])
+    for k in range(len(prompt) - 1, -1, -1):
+        if prompt[k]["role"] == "user":
+            prompt[k] = {"role": "user", "content": "\n\n".join([prompt[k]["content"], *follow_ups])}
             return prompt
     # No user message before the mistake (only a system prompt): the follow-ups are the request.
     prompt.append({"role": "user", "content": "\n\n".join(follow_ups)})
@@ -109,9 +113,12 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
     corrected = {m.corrects for m in msgs if m.corrects is not None}
     base = {"conversation_id": conv.conversation_id}
 
+    turns = [_turn(m) for m in msgs]
     feedback: dict[int, list[Feedback]] = {}
     conflicted: set[int] = set()
     for i, m in enumerate(msgs):
+        if m.role != "assistant":
+            continue
         fbs = ([m.feedback] if m.feedback is not None else []) + list(extra.get(m.id, ()))
         if fbs:
             feedback[i] = fbs
@@ -144,7 +151,7 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
         while msgs[path[-1]].corrects is not None:
             path.append(position[msgs[path[-1]].corrects])
         path.reverse()
-        prompt = _context(msgs, path[0], i, merge)
+        prompt = _context(msgs, turns, path[0], i, merge)
 
         if m.corrects is not None and m.id not in corrected:  # rule 2: final of a chain
             out.signals[CORRECTION] += 1
@@ -206,8 +213,14 @@ def curate_comparison(comp: Comparison) -> Curated:
 
 # --- rule 7: quality filters ---------------------------------------------------
 
-def _messages_text(messages: Sequence[dict]) -> str:
+def messages_key_text(messages: Sequence[dict]) -> str:
+    """The part of a dedup key for a message list: roles and whitespace-normalised contents."""
     return "\x1e".join(f"{m['role']}\x1f{normalize_whitespace(m['content'])}" for m in messages)
+
+
+def key_digest(parts: Sequence[str]) -> bytes:
+    """16-byte digest of the parts of a dedup key (see `dedup_key`)."""
+    return hashlib.blake2b("\x1d".join(parts).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def dedup_key(output: str, row: dict) -> bytes:
@@ -217,19 +230,19 @@ def dedup_key(output: str, row: dict) -> bytes:
     completion + label. `source` is not part of it: the same example from two
     conversations is a duplicate.
     """
-    parts = [_messages_text(row["prompt"])]
+    parts = [messages_key_text(row["prompt"])]
     if output == "dpo":
-        parts += [_messages_text(row["chosen"]), _messages_text(row["rejected"])]
+        parts += [messages_key_text(row["chosen"]), messages_key_text(row["rejected"])]
     else:
-        parts.append(_messages_text(row["completion"]))
+        parts.append(messages_key_text(row["completion"]))
         if output == "kto":
             parts.append("1" if row["label"] else "0")
-    return hashlib.blake2b("\x1d".join(parts).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return key_digest(parts)
 
 
 def chosen_equals_rejected(row: dict) -> bool:
     """A DPO pair with no preference in it (same text after whitespace normalisation)."""
-    return _messages_text(row["chosen"]) == _messages_text(row["rejected"])
+    return messages_key_text(row["chosen"]) == messages_key_text(row["rejected"])
 
 
 # --- rule 9: holdout by conversation ---------------------------------------------

@@ -29,10 +29,12 @@ raw tab or newline (JSON escapes them), so the row is always the last field.
 from __future__ import annotations
 
 import json
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # the string escaping of json.dumps(..., ensure_ascii=False)
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Iterator
 
 from edgetune.data import rules
 from edgetune.data.pii import scrub
@@ -42,6 +44,7 @@ from edgetune.errors import UserError
 
 POSITION_BITS = 40  # position = file index << 40 | byte offset (or line/ordinal): one int that sorts in log order
 PII_KINDS = ("email", "phone", "card", "ip")
+NO_PII = "0,0,0,0"
 
 # One encoder for every row: json.dumps with options builds a new one per call.
 _encode_row = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
@@ -153,51 +156,98 @@ def fetch_records(chunk: Chunk, positions: list[int]) -> Iterator[tuple[int, dic
 
 # --- staging -------------------------------------------------------------------------
 
-def _scrub_row(row: dict, scrubbed: Callable[[str], str]) -> dict:
-    """A copy of `row` with every free text (contents, comments) passed through `scrubbed`."""
-    out = {"prompt": [{"role": m["role"], "content": scrubbed(m["content"])} for m in row["prompt"]]}
-    for key in ("completion", "chosen", "rejected"):
-        if key in row:
-            out[key] = [{"role": m["role"], "content": scrubbed(m["content"])} for m in row[key]]
-    if "label" in row:
-        out["label"] = row["label"]
-    source = row["source"]
-    if "comments" in source:
-        source = {**source, "comments": [scrubbed(c) for c in source["comments"]]}
-    out["source"] = source
-    return out
+class _TextTable:
+    """One record's texts, each scrubbed (rule 8), JSON-escaped and whitespace-normalised once.
+
+    A conversation's context recurs in every row it gives (SFT, KTO, DPO of
+    each rated message); doing this work per row was most of a build's time.
+    Rows are then assembled from the cached pieces as strings, in exactly the
+    form `json.dumps(row, ensure_ascii=False)` gives (a test checks it).
+    """
+
+    def __init__(self):
+        self.texts: dict[str, tuple[str, str, str, tuple | None]] = {}  # text -> (clean, JSON, key text, PII)
+        self.lists: dict[int, tuple[str, str, tuple | None]] = {}  # id(message list) -> (JSON, key text, PII)
+
+    def text(self, text: str) -> tuple[str, str, str, tuple | None]:
+        hit = self.texts.get(text)
+        if hit is None:
+            counts: Counter = Counter()
+            clean = scrub(text, counts)
+            pii = tuple(counts[k] for k in PII_KINDS) if counts else None
+            hit = self.texts[text] = (clean, encode_basestring(clean), rules.normalize_whitespace(clean), pii)
+        return hit
+
+    def messages(self, messages: list[dict]) -> tuple[str, str, tuple | None]:
+        """JSON, dedup key text (`rules.messages_key_text` of the scrubbed list) and PII of a message list."""
+        hit = self.lists.get(id(messages))  # rows of one message share its prompt list object
+        if hit is None:
+            jsons, keys, pii = [], [], None
+            for m in messages:
+                _, escaped, normalized, text_pii = self.text(m["content"])
+                role = m["role"]  # one of records.ROLES: nothing to escape
+                jsons.append(f'{{"role": "{role}", "content": {escaped}}}')
+                keys.append(f"{role}\x1f{normalized}")
+                if text_pii:
+                    pii = text_pii if pii is None else tuple(map(operator.add, pii, text_pii))
+            hit = self.lists[id(messages)] = ("[" + ", ".join(jsons) + "]", "\x1e".join(keys), pii)
+        return hit
+
+
+def _source_json(source: dict) -> str:
+    """`json.dumps(source, ensure_ascii=False)` for a dict of strings and lists of strings,
+    without building an encoder per row (the rest falls back to the encoder)."""
+    items = []
+    for key, value in source.items():
+        if type(value) is str:
+            text = encode_basestring(value)
+        elif type(value) is list and all(type(v) is str for v in value):
+            text = "[" + ", ".join(map(encode_basestring, value)) + "]"
+        else:
+            text = _encode_row(value)
+        items.append(f"{encode_basestring(key)}: {text}")
+    return "{" + ", ".join(items) + "}"
 
 
 def stage_curated(out: IO[str], pos: int, curated: rules.Curated, split: str, conversation_id: str | None) -> None:
     """Scrub (rule 8), drop empty preferences (rule 7) and write one record's rows to staging.
 
-    PII is scrubbed once per distinct text of the record (a prompt recurs in
-    each of its rows); each row still counts the placeholders it holds, so
-    the report can count exactly what the written files contain.
+    Each row carries the PII placeholders it holds, so the report can count
+    exactly what the written files contain.
     """
     drops = Counter(curated.drops)
-    memo: dict[str, tuple[str, Counter]] = {}
+    table = _TextTable()
     lines = []
     for output, row in curated.rows:
-        row_pii: Counter = Counter()
-
-        def scrubbed(text: str) -> str:
-            hit = memo.get(text)
-            if hit is None:
-                own: Counter = Counter()
-                hit = memo[text] = (scrub(text, own), own)
-            if hit[1]:
-                row_pii.update(hit[1])
-            return hit[0]
-
-        row = _scrub_row(row, scrubbed)
-        if output == "dpo" and rules.chosen_equals_rejected(row):
-            drops["dpo_chosen_equals_rejected"] += 1
-            continue
+        prompt_json, prompt_key, pii = table.messages(row["prompt"])
+        if output == "dpo":
+            chosen_json, chosen_key, chosen_pii = table.messages(row["chosen"])
+            rejected_json, rejected_key, rejected_pii = table.messages(row["rejected"])
+            if chosen_key == rejected_key:  # rules.chosen_equals_rejected, on the scrubbed texts
+                drops["dpo_chosen_equals_rejected"] += 1
+                continue
+            parts = [prompt_key, chosen_key, rejected_key]
+            body = f'{{"prompt": {prompt_json}, "chosen": {chosen_json}, "rejected": {rejected_json}'
+            more_pii = [chosen_pii, rejected_pii]
+        else:
+            completion_json, completion_key, completion_pii = table.messages(row["completion"])
+            parts = [prompt_key, completion_key]
+            body = f'{{"prompt": {prompt_json}, "completion": {completion_json}'
+            if output == "kto":
+                parts.append("1" if row["label"] else "0")
+                body += ', "label": true' if row["label"] else ', "label": false'
+            more_pii = [completion_pii]
         source = row["source"]
-        pii = ",".join(str(row_pii[k]) for k in PII_KINDS)
-        lines.append(f"{output}\t{split}\t{rules.dedup_key(output, row).hex()}\t{source['rule']}\t"
-                     f"{_encode_compact(source.get('persona', rules.UNTAGGED))}\t{pii}\t{_encode_row(row)}\n")
+        if "comments" in source:
+            comments = [table.text(c) for c in source["comments"]]
+            source = {**source, "comments": [c[0] for c in comments]}
+            more_pii += [c[3] for c in comments]
+        for p in more_pii:
+            if p:
+                pii = p if pii is None else tuple(map(operator.add, pii, p))
+        lines.append(f"{output}\t{split}\t{rules.key_digest(parts).hex()}\t{source['rule']}\t"
+                     f"{_encode_compact(source.get('persona', rules.UNTAGGED))}\t"
+                     f"{','.join(map(str, pii)) if pii else NO_PII}\t{body}, \"source\": {_source_json(source)}}}\n")
     if not (lines or curated.signals or drops or curated.conflicts):
         return
     tally = {"signals": curated.signals, "drops": drops,
@@ -257,15 +307,17 @@ def stage_chunk(chunk: Chunk, options, staging: str | None) -> ChunkResult:
             kind = obj["type"]
             result.counts[kind] += 1
             if kind == "conversation":
-                messages = obj["messages"]
-                if out and any(m.get("feedback") is not None or m.get("corrects") is not None for m in messages):
+                unused, signal = 0, False  # only assistant messages may carry a signal (validated)
+                for m in obj["messages"]:
+                    if m["role"] == "assistant":
+                        unused += 1
+                        signal = signal or m.get("feedback") is not None or m.get("corrects") is not None
+                if signal and out:
                     conv = build_record(obj)
                     curated = rules.curate_conversation(conv, None, options.correction_prompt)
                     split = rules.split_of(options.seed, "conversation", conv.conversation_id, options.eval_fraction)
                     stage_curated(out, pos, curated, split, conv.conversation_id)
                     unused = curated.unused
-                else:
-                    unused = sum(m["role"] == "assistant" for m in messages)
                 result.conversations.append((obj["conversation_id"], pos, unused))
             elif kind == "comparison":
                 if out:

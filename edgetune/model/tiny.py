@@ -81,7 +81,10 @@ PRESETS: dict[str, dict] = {
 }
 
 TOKENIZER_VOCAB = 1024  # the corpus supports ~1150 merges; 1024 keeps the tiny head small
-INIT_STD = 0.02  # the usual Hugging Face initializer_range
+INIT_STD = 0.02  # the usual Hugging Face initializer_range, for every matrix but the two below
+# Embeddings and the output head start at std 1/sqrt(hidden) (rows of norm ~1), not 0.02:
+# at hidden 64 a 0.02 head caps every logit near 0.02 * 64 ~ 1.3, which is
+# the LoRA plateau this builder exists to avoid (see pretrain.py).
 
 # The pre-training pass: ~36 passes over the ~9k-token corpus for `tiny`.
 PRETRAIN_BATCH = 16
@@ -163,9 +166,12 @@ def init_params(shapes: dict[str, tuple[int, ...]], seed: int, dtype) -> Iterato
         if len(shape) == 1:  # norms are weights of ones, biases start at zero
             value = mx.zeros(shape) if name.endswith(".bias") else mx.ones(shape)
         else:
-            value = mx.random.normal(shape, key=keys[i]) * INIT_STD
+            std = shape[-1] ** -0.5 if name in _SCALED_INIT else INIT_STD
+            value = mx.random.normal(shape, key=keys[i]) * std
         yield name, value.astype(dtype)
 
+
+_SCALED_INIT = ("model.embed_tokens.weight", "lm_head.weight")
 
 _SAFETENSORS_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}
 
