@@ -38,6 +38,10 @@ def _register() -> None:
 
     main.add_command(data)
 
+    from edgetune.model.cli import model
+
+    main.add_command(model)
+
     from edgetune.train_cli import sft
 
     main.add_command(sft)
@@ -48,3 +52,7 @@ def _register() -> None:
 
 
 _register()
+
+
+if __name__ == "__main__":
+    main()

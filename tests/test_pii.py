@@ -9,6 +9,7 @@ random inside random words.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import Counter
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from edgetune.data.pii import luhn_valid, scrub
 
-PROPERTY = settings(max_examples=150, deadline=None, database=None,
+PROPERTY = settings(max_examples=100, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -48,7 +49,9 @@ def test_luhn_on_hand_worked_values(digits, valid):
 @given(st.lists(st.integers(0, 999), min_size=4, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4))
 def test_ipv4_octet_rule_agrees_with_ipaddress(octets, padded):
     # The pattern range-checks octets itself (for speed); it must accept
-    # exactly what `ipaddress` accepts: 0-255, no zero padding.
+    # exactly what `ipaddress` accepts: 0-255, no zero padding. (The first
+    # octet is kept >= 10, past the version-number rule tested below.)
+    octets[0] = max(octets[0], 10)
     text = ".".join(f"0{o}" if pad and o < 100 else str(o) for o, pad in zip(octets, padded))
     try:
         ipaddress.IPv4Address(text)
@@ -144,8 +147,10 @@ def test_luhn_invalid_card_run_left_alone_entirely(run):
 @pytest.mark.parametrize("text, expected", [
     ("from 192.168.1.20 today", "from [IP] today"),
     ("10.0.0.1:8080/path", "[IP]:8080/path"),
-    ("0.0.0.0 and 255.255.255.255.", "[IP] and [IP]."),
+    ("10.0.0.0 and 255.255.255.255.", "[IP] and [IP]."),
     ("net 10.0.0.0/8", "net [IP]/8"),
+    ("http://127.0.0.1/x and //192.168.0.1", "http://[IP]/x and //[IP]"),
+    ("aws 3.91.200.14, 5.2.1.32", "aws [IP], [IP]"),  # first octet < 10, but another >= 32
 ])
 def test_ipv4_replaced(text, expected):
     out, counts = scrubbed(text)
@@ -155,6 +160,8 @@ def test_ipv4_replaced(text, expected):
 
 @pytest.mark.parametrize("text", [
     "999.1.1.1", "256.0.0.1", "version 1.2.3", "1.2.3.4.5", "v1.2.3.4", "010.1.1.1",
+    # Versions and section numbers: first octet < 10, the others < 32.
+    "gnutls28 (3.6.11.1-2)", "SP800-38D 5.2.1.1", "OID 2.5.4.3", "0.0.0.0", "8.8.8.8",
 ])
 def test_ipv4_lookalikes_left_alone(text):
     assert scrubbed(text) == (text, {})
@@ -189,6 +196,7 @@ def test_bracketed_ipv6_with_port():
     "00:1a:2b:3c:4d:5e",        # a MAC address
     "1:2:3",                    # too few groups, no ::
     "x = y::z",
+    "x[..., 0::2], x[1::2], a[::2], b[10::20], c[::-1]",   # Python slices
 ])
 def test_ipv6_lookalikes_left_alone(text):
     assert scrubbed(text) == (text, {})
@@ -204,6 +212,10 @@ def test_ipv6_lookalikes_left_alone(text):
     "Release 1.2.3 fixes 12 bugs; build 2026.10.2",
     "range 1999-2001, pages 120-135, 4 x 5 = 20",
     "score 0.8123456789012345",
+    "Boston, MA 02110-1301, USA",                          # ZIP+4, not a trunk phone
+    "https://oss-fuzz.com/testcase-detail/5390364397928448",  # a Luhn-valid id in a URL
+    "hb-subset-fuzzer-5390364397928448.bin",                 # ... and in a file name
+    "see /mcom/0000-000-00/S0025",
 ])
 def test_ordinary_numbers_left_alone(text):
     assert scrubbed(text) == (text, {})
@@ -230,7 +242,8 @@ def test_pathological_input_stays_fast():
     # Long digit, colon and local-part runs: every pattern must stay linear.
     import time
 
-    texts = ["+" + "1" * 5000, "1 " * 3000, ":" * 5000, "a" * 5000 + "@", "1." * 3000, "(1)" * 2000]
+    texts = ["+" + "1" * 5000, "1 " * 3000, "+1 " * 2000, ":" * 5000, "1:" * 3000, "a" * 5000 + "@",
+             "@" + "a." * 3000 + "1", "a@" * 3000, "1." * 3000, "(1)" * 2000, "0 " * 3000]
     start = time.perf_counter()
     for text in texts:
         scrub(text, Counter())
@@ -262,10 +275,14 @@ def _expect_single(text: str, parts: tuple, placeholder: str, kind: str) -> None
     assert counts == {kind: 1}
 
 
-_label = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+# A domain label: alphanumerics, inner hyphens allowed.
+_label = st.builds(lambda a, mid, b: a + mid + b if mid else a, st.sampled_from(_ALNUM),
+                   st.text(_ALNUM + "-", max_size=8), st.sampled_from(_ALNUM))
 _emails = st.builds(
-    lambda local, labels, tld: f"{local}@{'.'.join(labels)}.{tld}",
-    st.from_regex(r"[A-Za-z0-9_%+-][A-Za-z0-9._%+-]{0,15}", fullmatch=True),
+    lambda first, local, labels, tld: f"{first}{local}@{'.'.join(labels)}.{tld}",
+    st.sampled_from(_ALNUM + "_%+-"),
+    st.text(_ALNUM + "._%+-", max_size=15),
     st.lists(_label, min_size=1, max_size=3),
     st.text("abcdefghijklmnopqrstuvwxyz", min_size=2, max_size=6),
 )
@@ -359,8 +376,13 @@ def test_generated_luhn_invalid_runs_left_alone(case):
     assert scrubbed(text) == (text, {})
 
 
+def _not_version_like(address) -> bool:
+    first, *rest = address.packed
+    return not (first < 10 and max(rest) < 32)
+
+
 @PROPERTY
-@given(_embed(st.ip_addresses(v=4).map(str)))
+@given(_embed(st.ip_addresses(v=4).filter(_not_version_like).map(str)))
 def test_generated_ipv4_replaced(case):
     _expect_single(*case, "[IP]", "ip")
 
@@ -368,8 +390,9 @@ def test_generated_ipv4_replaced(case):
 _ipv6 = st.one_of(
     st.ip_addresses(v=6).map(str),
     st.ip_addresses(v=6).map(lambda a: a.exploded),
-    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
-).filter(lambda s: any(c.isdigit() for c in s))  # digit-free hex reads as code (see module doc)
+    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),  # IPv6 as a whole: no version rule
+).filter(  # left alone on purpose (see the module doc): digit-free hex and slice-like forms
+    lambda s: any(c.isdigit() for c in s) and (s == "::1" or not re.fullmatch(r"\d{0,3}::\d{0,3}", s)))
 
 
 @PROPERTY

@@ -25,6 +25,7 @@ order and the same options give byte-identical outputs.
 from __future__ import annotations
 
 import bisect
+import gc
 import hashlib
 import heapq
 import json
@@ -34,15 +35,15 @@ import sys
 import tempfile
 from array import array
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from edgetune.data import rules
 from edgetune.data.records import FeedbackRecord
-from edgetune.data.stage import (NO_PII, PII_KINDS, POSITION_BITS, Chunk, ChunkResult, read_staged, restage_conversations,
-                                 stage_chunk, staging_path)
+from edgetune.data.stage import (NO_PII, PII_KINDS, POSITION_BITS, Chunk, ChunkResult, read_staged,
+                                 restage_conversations, stage_chunk, staging_path)
 from edgetune.errors import InputError, UserError
 from edgetune.fileio import atomic_dir, sha256_file, write_json
 
@@ -98,7 +99,7 @@ def plan_chunks(paths: list[Path], fmt: str, jobs: int) -> list[Chunk]:
         if fmt != "v1" or str(path).endswith(".gz"):
             chunks.append(Chunk(len(chunks), fi, str(path), "jsonl" if fmt == "v1" else fmt))
             continue
-        size = path.stat().st_size
+        size = _size(path)
         if size >= 1 << POSITION_BITS:
             raise UserError(f"{path}: larger than 1 TiB; split it into several files")
         n = max(1, min(4 * jobs, size // CHUNK_BYTES))
@@ -107,20 +108,34 @@ def plan_chunks(paths: list[Path], fmt: str, jobs: int) -> list[Chunk]:
     return chunks
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise UserError(f"{path}: cannot open ({e.strerror or e})") from None
+
+
 def _run(fn: Callable, calls: list[tuple], jobs: int) -> list:
     """`[fn(*args) for args in calls]`, in worker processes when `jobs` > 1."""
     if jobs <= 1 or len(calls) <= 1:
         return [fn(*args) for args in calls]
     # fork: workers start in milliseconds and inherit the imports; macOS only supports spawn safely.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=context) as pool:
-        return list(pool.map(fn, *zip(*calls)))
+    # Forked workers share the parent's pages (the id index: hundreds of MB on big logs) until
+    # they write to them; a garbage collection in a worker would visit, and so copy, every
+    # inherited object. Frozen objects are never visited.
+    gc.freeze()
+    try:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=context) as pool:
+            return list(pool.map(fn, *zip(*calls)))
+    finally:
+        gc.unfreeze()
 
 
 def _resolve_jobs(paths: list[Path], jobs: int | None) -> int:
     if jobs is not None:
         return max(1, jobs)
-    total = sum(p.stat().st_size for p in paths)
+    total = sum(_size(p) for p in paths)
     return default_jobs() if total >= PARALLEL_BYTES else 1
 
 
@@ -196,7 +211,11 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
     # Staged rows live beside the output (same disk, so no surprise on a small /tmp), in a
     # hidden folder that is removed whatever happens.
     stage_dir = out.parent if out.parent.is_dir() else None
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.staging-", dir=stage_dir) as staging:
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.staging-", dir=stage_dir) as staging, \
+            ThreadPoolExecutor(max_workers=1) as background:
+        # Input hashes (provenance) are a full extra read: done by a thread while the workers
+        # parse (hashlib releases the GIL), not after them.
+        input_hashes = background.submit(_sha256_files, paths)
         progress(f"reading {len(paths)} file(s) in {len(chunks)} chunk(s) with {min(jobs, len(chunks))} worker(s)")
         scan = _combine(paths, chunks, _run(stage_chunk, [(c, options, staging) for c in chunks], jobs))
         if scan.problems and not options.skip_invalid:
@@ -223,7 +242,7 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
                 for _, tally, rows in heapq.merge(first, again, key=lambda record: record[0]):
                     merge.add(tally, rows)
             merge.finish()
-            report = _report(scan, folder, options, merge, unused, orphans)
+            report = _report(scan, folder, options, merge, unused, orphans, input_hashes.result())
             write_json(folder / "report.json", report)
     return report
 
@@ -356,8 +375,16 @@ class _Merge:
 
 # --- the report --------------------------------------------------------------------------
 
-def _report(scan: Scan, folder: Path, options: BuildOptions, merge: _Merge, unused: int, orphans: list) -> dict:
+def _sha256_files(paths: list[Path]) -> list[str]:
+    """sha256 of each file, several at once (hashlib releases the GIL on large blocks)."""
+    with ThreadPoolExecutor(max_workers=min(len(paths), default_jobs()) or 1) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def _report(scan: Scan, folder: Path, options: BuildOptions, merge: _Merge, unused: int, orphans: list,
+            input_hashes: list[str]) -> dict:
     """The report.json dict (rendered by `report.py`); deterministic: no clock, no temp paths."""
+    output_hashes = iter(_sha256_files([folder / s / f"{o}.jsonl" for s in rules.SPLITS for o in rules.OUTPUTS]))
     drops = Counter(merge.drops)
     if scan.counts["invalid"]:
         drops["invalid_record"] = scan.counts["invalid"]
@@ -370,8 +397,7 @@ def _report(scan: Scan, folder: Path, options: BuildOptions, merge: _Merge, unus
             rows = sum(personas.values())
             shares = {p: {"rows": n, "share": round(n / rows, 4)}
                       for p, n in sorted(personas.items(), key=lambda kv: (-kv[1], kv[0]))}
-            per_output[split][output] = {"rows": rows, "sha256": sha256_file(folder / split / f"{output}.jsonl"),
-                                         "personas": shares}
+            per_output[split][output] = {"rows": rows, "sha256": next(output_hashes), "personas": shares}
             for p, n in personas.items():
                 if p != rules.UNTAGGED and n * 2 > rows:
                     warnings.append(f"{split}/{output}: persona {p!r} is {n / rows:.0%} of the rows "
@@ -380,7 +406,7 @@ def _report(scan: Scan, folder: Path, options: BuildOptions, merge: _Merge, unus
     counts = scan.counts
     return {
         "format": REPORT_FORMAT,
-        "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in scan.paths],
+        "inputs": [{"path": str(p), "sha256": h} for p, h in zip(scan.paths, input_hashes)],
         "options": asdict(options),
         "records": {"read": counts["records"], "invalid": counts["invalid"],
                     **{k: counts[k] for k in ("conversation", "feedback", "comparison")},

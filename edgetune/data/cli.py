@@ -41,7 +41,10 @@ def _invalid(e: InputError, advice: str) -> UserError:
               help="Down-sample SFT rows so no persona is more than this share of a split.")
 @_FORMAT
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def build(logs, out, eval_fraction, seed, skip_invalid, correction_prompt, max_persona_share, fmt, force) -> None:
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: one per CPU for logs over 32 MiB). Does not change the outputs.")
+def build(logs, out, eval_fraction, seed, skip_invalid, correction_prompt, max_persona_share, fmt, force,
+          jobs) -> None:
     """Build datasets from feedback LOGS (JSONL files, .gz and globs allowed)."""
     from edgetune.data.build import BuildOptions, build as run_build
     from edgetune.data.report import render_report
@@ -50,7 +53,7 @@ def build(logs, out, eval_fraction, seed, skip_invalid, correction_prompt, max_p
                            correction_prompt=correction_prompt, max_persona_share=max_persona_share, format=fmt)
     start = time.perf_counter()
     try:
-        report = run_build(expand_inputs(logs), out, options, force=force,
+        report = run_build(expand_inputs(logs), out, options, force=force, jobs=jobs,
                            progress=lambda message: click.echo(message, err=True))
     except InputError as e:
         raise _invalid(e, "nothing was written. Fix them, or pass --skip-invalid to build from the rest.") from None

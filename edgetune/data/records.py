@@ -261,20 +261,19 @@ def _check_conversation(obj: dict) -> None:
                 _check_message_fields(m, f"messages[{i}].")  # raises with the precise reason
         else:
             _object(m, f"messages[{i}]")
-        where = f"messages[{i}]."
         if mid in roles:
             first = next(j for j, n in enumerate(raw) if n.get("id") == mid)
-            raise _Bad(f"{where}id: duplicate id {mid!r} (first at messages[{first}])")
+            raise _Bad(f"messages[{i}].id: duplicate id {mid!r} (first at messages[{first}])")
         if role == "system" and i:
-            raise _Bad(f"{where}role: a system message may only come first")
+            raise _Bad(f"messages[{i}].role: a system message may only come first")
         feedback = m.get("feedback")
         if feedback is not None:
             if role != "assistant":
-                raise _Bad(f"{where}feedback: only assistant messages carry feedback (this one is {role})")
-            _check_feedback_fields(_object(feedback, f"{where}feedback"), f"{where}feedback.")
+                raise _Bad(f"messages[{i}].feedback: only assistant messages carry feedback (this one is {role})")
+            _check_feedback_fields(_object(feedback, f"messages[{i}].feedback"), f"messages[{i}].feedback.")
         corrects = m.get("corrects")
         if corrects is not None:
-            _check_corrects(corrects, role, roles, raw[i + 1:], where)
+            _check_corrects(corrects, role, roles, raw[i + 1:], f"messages[{i}].")
         roles[mid] = role
 
 

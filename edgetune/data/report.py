@@ -56,7 +56,7 @@ def render_report(report: dict) -> str:
     lines = [
         f"read {_n(rec['read'])} records from {len(report['inputs'])} file(s): "
         f"{_n(rec['conversation'])} conversations, {_n(rec['feedback'])} feedback, "
-        f"{_n(rec['comparison'])} comparisons, {_n(rec['invalid'])} invalid (skipped)",
+        f"{_n(rec['comparison'])} comparisons, {_n(rec['invalid'])} invalid" + (" (skipped)" if rec["invalid"] else ""),
     ]
     if rec["superseded_conversations"] or rec["superseded_comparisons"]:
         lines.append(f"newer versions replaced {_n(rec['superseded_conversations'])} conversation(s) and "

@@ -168,19 +168,26 @@ class _TextTable:
     def __init__(self):
         self.texts: dict[str, tuple[str, str, str, tuple | None]] = {}  # text -> (clean, JSON, key text, PII)
         self.lists: dict[int, tuple[str, str, tuple | None]] = {}  # id(message list) -> (JSON, key text, PII)
+        self._counts: Counter = Counter()  # reused: a Counter per text costs as much as scrubbing a short one
 
     def text(self, text: str) -> tuple[str, str, str, tuple | None]:
         hit = self.texts.get(text)
         if hit is None:
-            counts: Counter = Counter()
+            counts = self._counts
+            counts.clear()
             clean = scrub(text, counts)
             pii = tuple(counts[k] for k in PII_KINDS) if counts else None
             hit = self.texts[text] = (clean, encode_basestring(clean), rules.normalize_whitespace(clean), pii)
         return hit
 
     def messages(self, messages: list[dict]) -> tuple[str, str, tuple | None]:
-        """JSON, dedup key text (`rules.messages_key_text` of the scrubbed list) and PII of a message list."""
-        hit = self.lists.get(id(messages))  # rows of one message share its prompt list object
+        """JSON, dedup key text (`rules.messages_key_text` of the scrubbed list) and PII of a message list.
+
+        Cached by the list's id: the rows of one message share its prompt list,
+        and `curated.rows` keeps every list alive (so no id is reused) while
+        the record is staged.
+        """
+        hit = self.lists.get(id(messages))
         if hit is None:
             jsons, keys, pii = [], [], None
             for m in messages:
@@ -217,6 +224,7 @@ def stage_curated(out: IO[str], pos: int, curated: rules.Curated, split: str, co
     """
     drops = Counter(curated.drops)
     table = _TextTable()
+    personas: dict[str, str] = {}  # persona -> its JSON, encoded once per record
     lines = []
     for output, row in curated.rows:
         prompt_json, prompt_key, pii = table.messages(row["prompt"])
@@ -245,8 +253,9 @@ def stage_curated(out: IO[str], pos: int, curated: rules.Curated, split: str, co
         for p in more_pii:
             if p:
                 pii = p if pii is None else tuple(map(operator.add, pii, p))
-        lines.append(f"{output}\t{split}\t{rules.key_digest(parts).hex()}\t{source['rule']}\t"
-                     f"{_encode_compact(source.get('persona', rules.UNTAGGED))}\t"
+        persona = source.get("persona", rules.UNTAGGED)
+        persona_json = personas.get(persona) or personas.setdefault(persona, _encode_compact(persona))
+        lines.append(f"{output}\t{split}\t{rules.key_digest(parts).hex()}\t{source['rule']}\t{persona_json}\t"
                      f"{','.join(map(str, pii)) if pii else NO_PII}\t{body}, \"source\": {_source_json(source)}}}\n")
     if not (lines or curated.signals or drops or curated.conflicts):
         return

@@ -18,6 +18,7 @@ seed give byte-identical files on the same machine.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,7 +31,7 @@ from edgetune.model import corpus
 from edgetune.model.pretrain import pack_documents
 from edgetune.model.pretrain import pretrain as run_pretrain  # `pretrain` is also a parameter below
 from edgetune.model.tokenizer import CHAT_FORMATS, special_tokens_map, tokenizer_config, train_tokenizer
-from edgetune.runtime import mlx_core
+from edgetune.runtime import blas_info, mlx_core
 
 ARCHS = ("qwen2", "llama")
 
@@ -42,23 +43,24 @@ LLAMA3_ROPE_SCALING = {
 # What the arch decides when the preset does not: the family's own defaults.
 # The tiny llama keeps a separate lm_head so the untied path gets exercised.
 ARCH_DEFAULTS = {
-    "qwen2": {"rope_theta": 1000000.0, "rope_scaling": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "qwen2": {"rope_theta": 1000000.0, "rope_scaling": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+              "max_position_embeddings": 32768},
     "llama": {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE_SCALING, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": False},
+              "tie_word_embeddings": False, "max_position_embeddings": 131072},
 }
 
 # Model shapes. `arch` pins a preset named after a real model to its family;
 # `pretrain_steps` is the length of the built-in pass (0: none).
 PRESETS: dict[str, dict] = {
     "tiny": {
-        "arch": None, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 352, "vocab_size": 1024,
-        "max_position_embeddings": 4096, "dtype": "float32", "pretrain_steps": 300,
+        "arch": None, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 1024,
+        "dtype": "float32", "pretrain_steps": 150,
     },
     "small": {
         "arch": None, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
         "num_key_value_heads": 8, "intermediate_size": 1376, "vocab_size": 8192,
-        "max_position_embeddings": 4096, "dtype": "float32", "pretrain_steps": 100,
+        "dtype": "float32", "pretrain_steps": 0,
     },
     "qwen2.5-0.5b": {
         "arch": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
@@ -86,8 +88,11 @@ INIT_STD = 0.02  # the usual Hugging Face initializer_range, for every matrix bu
 # at hidden 64 a 0.02 head caps every logit near 0.02 * 64 ~ 1.3, which is
 # the LoRA plateau this builder exists to avoid (see pretrain.py).
 
-# The pre-training pass: ~36 passes over the ~9k-token corpus for `tiny`.
-PRETRAIN_BATCH = 16
+# The pre-training pass (tiny: 150 steps x 4 x 64 tokens, ~3.5 passes over the
+# ~11k-token corpus). On a 2-core CPU MLX's exp() bounds the step time, so many
+# small steps beat few large ones: 60 steps of 16 rows left the model in a
+# degenerate state that LoRA taught more slowly than a random one.
+PRETRAIN_BATCH = 4
 PRETRAIN_SEQ_LEN = 64
 PRETRAIN_LR = 3e-3
 PRETRAIN_WARMUP = 20
@@ -188,7 +193,7 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in sorted(shapes):
-        nbytes = size * int(np.prod(shapes[name]))
+        nbytes = size * math.prod(shapes[name])
         header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -268,7 +273,11 @@ def build_tiny_model(
         model = _mlx_model(arch, config)
         shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
         dtype = getattr(mx, shape["dtype"])
-        provenance = {"preset": preset, "arch": arch, "seed": seed, "init_std": INIT_STD, "pretrain": None}
+        provenance = {
+            "preset": preset, "arch": arch, "seed": seed, "params": sum(math.prod(s) for s in shapes.values()),
+            "init_std": INIT_STD, "embedding_and_head_std": "1/sqrt(hidden_size)",
+            "blas": blas_info()["why"], "pretrain": None,
+        }
         steps = shape["pretrain_steps"] if pretrain else 0
         if steps:
             model.update(tree_unflatten(list(init_params(shapes, seed, mx.float32))))
