@@ -57,6 +57,10 @@ def atomic_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Path
     if final.exists() and not replace:
         raise UserError(f"{final}: already exists; choose another path or pass --force")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    # mkdtemp makes the folder 0700; a dataset or export should get the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if final.exists():

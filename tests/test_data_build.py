@@ -443,6 +443,16 @@ def test_max_persona_share_down_samples_sft_deterministically(tmp_path):
     assert read_rows(tmp_path / "c", "train", "sft") != sft  # another seed, another sample
 
 
+def test_persona_cap_applies_to_train_only_eval_keeps_the_log_mix(tmp_path):
+    log = _persona_log(tmp_path)
+    capped = build([log], tmp_path / "capped", BuildOptions(eval_fraction=0.5, max_persona_share=0.5))
+    plain = build([log], tmp_path / "plain", BuildOptions(eval_fraction=0.5))
+    assert (tmp_path / "capped" / "eval" / "sft.jsonl").read_bytes() == \
+        (tmp_path / "plain" / "eval" / "sft.jsonl").read_bytes()
+    train = capped["outputs"]["train"]["sft"]["personas"]
+    assert train["analyst"]["share"] <= 0.5 < plain["outputs"]["train"]["sft"]["personas"]["analyst"]["share"]
+
+
 def test_max_persona_share_that_would_drop_everything_is_a_user_error(tmp_path):
     log = write_log(tmp_path / "log.jsonl", conversation(
         "c1", m("u", "user", "Q"), m("a", "assistant", "A", feedback={"rating": "up"}), persona="analyst"))

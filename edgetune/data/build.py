@@ -1,7 +1,9 @@
 """`edgetune data build`: feedback logs in, SFT/DPO/KTO datasets out.
 
-The build reads each line of the log once, in parallel, and keeps in memory
-only an index the size of the number of conversation ids:
+The build decodes each line of the log once, in parallel (JSON decoding is
+most of its cost), except the conversations that split-out feedback points
+to, which are read again; it keeps in memory only an index the size of the
+number of conversation ids:
 
 1. Stage (workers, `stage.stage_chunk`): every record is validated;
    conversations with an inline signal and comparisons are curated, scrubbed
@@ -271,9 +273,10 @@ class _Merge:
     """Writes staged rows of the latest versions into the six outputs, in log order.
 
     Drops duplicates (rule 7: the same example after whitespace
-    normalisation, first occurrence kept) and sums the report's counts. SFT
-    rows go to a side file when a persona cap is set, so `finish` can
-    down-sample them once every row is known.
+    normalisation, first occurrence kept) and sums the report's counts. With
+    a persona cap, train SFT rows go to a side file, so `finish` can
+    down-sample them once every row is known. The eval split keeps the log's
+    own persona mix: it measures the model on the traffic it will serve.
     """
 
     def __init__(self, folder: Path, options: BuildOptions):
@@ -284,7 +287,9 @@ class _Merge:
         for split in rules.SPLITS:
             (folder / split).mkdir()
             for output in rules.OUTPUTS:
-                name = "sft.uncapped.jsonl" if output == "sft" and self.capped else f"{output}.jsonl"
+                name = f"{output}.jsonl"
+                if (split, output) == ("train", "sft") and self.capped:
+                    name = "sft.uncapped.jsonl"
                 self.files[split, output] = open(folder / split / name, "w", encoding="utf-8", newline="\n")
         self.seen: dict[str, set[bytes]] = {o: set() for o in rules.OUTPUTS}  # 16-byte dedup digests
         self.signals: Counter = Counter()
@@ -295,10 +300,10 @@ class _Merge:
         self.written: Counter = Counter()  # (rule, output) -> rows
         self.personas: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (split, output) -> persona -> rows
         self._persona_names: dict[str, str] = {}  # staged JSON -> name, decoded once
-        # For the persona cap, per split, in write order: persona, rule, sampling key, PII of each SFT row.
-        self.sft_rows: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        self.sft_keys: dict[str, array] = defaultdict(lambda: array("Q"))
-        self.sft_pii: dict[str, dict[int, Counter]] = defaultdict(dict)
+        # For the persona cap, in write order, per train SFT row: persona and rule, sampling key, PII.
+        self.sft_rows: list[tuple[str, str]] = []
+        self.sft_keys = array("Q")
+        self.sft_pii: dict[int, Counter] = {}
 
     def add(self, tally: dict, rows: list[str]) -> None:
         """One staged record: its tallies and its rows."""
@@ -324,42 +329,40 @@ class _Merge:
             if pii != NO_PII:
                 row_pii = Counter(dict(zip(PII_KINDS, map(int, pii.split(",")))))
                 self.pii.update(row_pii)
-            if output == "sft" and self.capped:
+            if self.capped and output == "sft" and split == "train":
                 if row_pii:
-                    self.sft_pii[split][len(self.sft_rows[split])] = row_pii
-                self.sft_rows[split].append((persona, rule))
+                    self.sft_pii[len(self.sft_rows)] = row_pii
+                self.sft_rows.append((persona, rule))
                 seeded = hashlib.blake2b(key, digest_size=8, key=str(self.options.seed).encode()).digest()
-                self.sft_keys[split].append(int.from_bytes(seeded, "big"))
+                self.sft_keys.append(int.from_bytes(seeded, "big"))
 
     def finish(self) -> None:
-        """Close the files; apply the persona cap to each split's SFT rows."""
+        """Close the files; apply the persona cap to the train SFT rows."""
         for f in self.files.values():
             f.close()
         if self.capped:
-            for split in rules.SPLITS:
-                self._cap_sft(split)
+            self._cap_train_sft()
 
-    def _cap_sft(self, split: str) -> None:
-        rows = self.sft_rows[split]
+    def _cap_train_sft(self) -> None:
+        rows, keys = self.sft_rows, self.sft_keys
         counts = Counter(persona for persona, _ in rows)
         keep = rules.persona_keep_counts(counts, self.options.max_persona_share)
         if counts and not any(keep.values()):
             raise UserError(
-                f"--max-persona-share {self.options.max_persona_share}: {split}/sft has only the "
+                f"--max-persona-share {self.options.max_persona_share}: train/sft has only the "
                 f"persona(s) {', '.join(sorted(counts))} and no untagged rows, so the cap would drop every "
                 f"row; raise it to at least {1 / len(counts):.3g} or leave it out")
         # Keep each capped persona's rows with the smallest seeded keys: a sample
         # that depends on the rows' content and the seed, not on their order.
-        keys = self.sft_keys[split]
         limit = {}
         for persona, n in keep.items():
             if n < counts[persona]:
                 ordered = sorted(keys[i] for i, (p, _) in enumerate(rows) if p == persona)
                 limit[persona] = ordered[n - 1] if n else -1
         kept: Counter = Counter()
-        uncapped = self.folder / split / "sft.uncapped.jsonl"
+        uncapped = self.folder / "train" / "sft.uncapped.jsonl"
         with open(uncapped, encoding="utf-8") as src, \
-                open(self.folder / split / "sft.jsonl", "w", encoding="utf-8", newline="\n") as dst:
+                open(self.folder / "train" / "sft.jsonl", "w", encoding="utf-8", newline="\n") as dst:
             for i, line in enumerate(src):
                 persona, rule = rows[i]
                 if persona not in limit or (keys[i] <= limit[persona] and kept[persona] < keep[persona]):
@@ -368,8 +371,8 @@ class _Merge:
                     continue
                 self.drops["persona_cap"] += 1
                 self.written[rule, "sft"] -= 1
-                self.personas[split, "sft"][persona] -= 1
-                self.pii.subtract(self.sft_pii[split].get(i, {}))
+                self.personas["train", "sft"][persona] -= 1
+                self.pii.subtract(self.sft_pii.get(i, {}))
         uncapped.unlink()
 
 

@@ -38,7 +38,8 @@ def _invalid(e: InputError, advice: str) -> UserError:
               show_default=True, help="For a correction chain: skip the mistake and the user's follow-ups, or "
                                       "merge the follow-ups into the original request.")
 @click.option("--max-persona-share", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Down-sample SFT rows so no persona is more than this share of a split.")
+              help="Down-sample train SFT rows so no persona is more than this share of them "
+                   "(eval keeps the log's own mix).")
 @_FORMAT
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,

@@ -29,19 +29,23 @@ What is detected, and what is deliberately left alone:
   cheaper; the tests hold it to `ipaddress`). `999.1.1.1` is not an IP. Not
   part of a longer dotted run, so version strings (`1.2.3`, `1.2.3.4.5`,
   `v1.2.3.4`) stay, and so do four-part numbers that read as versions or
-  section numbers: first octet below 10 and the others below 32
-  (`3.6.11.1`, `5.2.1.1`; also `8.8.8.8` and `1.1.1.1`, public resolvers,
-  not personal data). Real addresses in 1.0.0.0-9.255.255.255 whose other
-  octets are all below 32 are missed.
+  section numbers: first octet below 10 and the others below 100
+  (`3.6.11.1`, `1.6.12.99`; also `8.8.8.8` and `1.1.1.1`, public resolvers,
+  not personal data). So about 6% of the addresses in 1.0.0.0-9.255.255.255
+  (those with no octet of 100 or more after the first) are missed.
 - Payment card: 13-19 digits, either contiguous or in the printed groupings
   (4-4-4-4[-3], 4-4-4-1..4, Amex/Diners 4-6-5/4-6-4) with one kind of
-  separator (space or dash), and Luhn-valid. A card-shaped run that fails Luhn
+  separator (space or dash), starting with 2-6 (the payment networks:
+  Mastercard, Amex/Diners/JCB, Visa, Maestro, Discover/UnionPay; this keeps
+  zero-filled and other long numbers out), and Luhn-valid. Five or more
+  groups in a row are a table of numbers, not a card. A card-shaped run that fails Luhn
   is left alone *entirely*: it is consumed by the card pattern, so no part of
   it is then taken for a phone number. A contiguous run right after `-` or
   `/` is an identifier or URL part (`fuzzer-5390364397928448`), not a card. A card directly preceded by another
   space-separated number (`1234 4111 1111 1111 1111`) is read as one longer
   run and missed.
-- Phone: `+` international numbers of 7-15 digits (E.164 allows at most 15),
+- Phone: `+` international numbers of 7-15 digits (E.164 allows at most 15;
+  a country code never starts with 0, so `+0200` time-zone offsets stay),
   with spaces, dots, dashes, a parenthesised area code or trunk `(0)`
   (`+14155552671`, `+44 20 7946 0958`, `+49 (0)30 123456`,
   `+33 1 23 45 67 89`, `+1 (415) 555-2671`); North-American national forms
@@ -125,14 +129,15 @@ _CARD_AND_PHONE_ALTERNATIVES = [
     # Card, contiguous: not the fraction of a decimal, nor the tail of an
     # identifier (`fuzzer-5390364397928448`).
     r"(?<=[0-9])(?<![0-9][.,][0-9])(?<!-[0-9])(?P<card>[0-9]{12,18})(?![\w]|[.,][0-9])",
-    # Card, grouped: not the tail of a longer run of digit groups.
+    # Card, grouped: neither the tail nor the head of a longer run of digit
+    # groups (`1711 1728 1745 1763 1781`: a table, not a card).
     r"(?<=[0-9])(?<![0-9][ .,-][0-9])(?P<cardg>[0-9]{3}(?P<cs>[ -])"
     r"(?:[0-9]{4}(?P=cs)[0-9]{4}(?P=cs)[0-9]{1,4}(?:(?P=cs)[0-9]{3})?"
-    r"|[0-9]{6}(?P=cs)[0-9]{4,5}))(?![\w]|[.,-][0-9])",
+    r"|[0-9]{6}(?P=cs)[0-9]{4,5}))(?![\w]|[.,-][0-9]|(?P=cs)[0-9]{3})",
     # Phone, international: '+', digits, then up to 7 groups that each start
     # with a separator or a parenthesis. Groups never split a digit run, which
     # keeps backtracking linear on long digit strings.
-    r"(?<=\+)(?P<intl>[0-9]{1,15}"
+    r"(?<=\+)(?P<intl>[1-9][0-9]{0,14}"
     r"(?:[ .-]?\([0-9]{1,5}\)[ .-]?[0-9]{1,15}|[ .-][0-9]{1,15}){0,7})"
     r"(?![\w]|[.,-]?[0-9])",
     # Phone, national with a parenthesised area code, optional leading 1.
@@ -261,13 +266,13 @@ def _classify_numeric(m: re.Match) -> str | None:
     kind, span = m.lastgroup, m.group()
     if kind == "ip4":  # octets already range-checked by the pattern
         first, *rest = map(int, span.split("."))
-        # `3.6.11.1`, `5.2.1.1`: versions and section numbers, not addresses.
-        return None if first < 10 and max(rest) < 32 else "ip"
+        # `3.6.11.1`, `1.6.12.99`: versions and section numbers, not addresses.
+        return None if first < 10 and max(rest) < 100 else "ip"
     if kind == "trunk" and _ZIP4_RE.fullmatch(span):  # `02110-1301`: a US ZIP+4 code
         return None
     n = len(digits := _digits_only(span))
-    if kind in ("card", "cardg"):
-        return "card" if 13 <= n <= 19 and luhn_valid(digits) else None
+    if kind in ("card", "cardg"):  # payment cards start with 2-6 (Mastercard .. Discover)
+        return "card" if 13 <= n <= 19 and digits[0] in "23456" and luhn_valid(digits) else None
     if kind == "intl":  # E.164: at most 15 digits
         return "phone" if 7 <= n <= 15 else None
     if kind == "trunk":  # fewer digits would take in dates like 01.02.2026
