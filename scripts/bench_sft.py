@@ -4,7 +4,7 @@ Both tools train the same LoRA (rank 8, alpha 16 = mlx-lm scale 2.0, all 7
 linear layers of every block, dropout 0) on the same float32 model folder and
 the same chat examples, one after the other, each in its own subprocess:
 
-    python scripts/bench_sft.py                              # preset small, 128 examples
+    python scripts/bench_sft.py                              # preset small, 64 examples
     python scripts/bench_sft.py --preset qwen2.5-0.5b --examples 24 --batch-size 2
     python scripts/bench_sft.py --steps 20 --json out.json --keep
 
@@ -203,12 +203,15 @@ def run_child(cmd: list[str], env: dict, log: Path) -> dict:
     return {"wall_s": wall, "max_rss_gb": usage.ru_maxrss * 1024 / 1e9}  # ru_maxrss is KiB on Linux
 
 
-def run_edgetune(work: Path, model: Path, train_file: Path, args) -> dict:
-    """`edgetune sft` for one epoch; the rate over steps 2.. from its metrics.jsonl."""
+def run_edgetune(work: Path, tag: str, model: Path, train_file: Path, args) -> dict:
+    """`edgetune sft` for one epoch; the rate over steps 2.. from its metrics.jsonl.
+
+    Raises RuntimeError if the epoch did not cover every example exactly once.
+    """
     exe = shutil.which("edgetune")
     if exe is None:
         raise UserError("the `edgetune` command is not on PATH; install the package (pip install -e .)")
-    out = work / "edgetune_run"
+    out = work / f"edgetune_run{tag}"
     recipe = {
         "model": str(model), "output": str(out),
         "data": {"train": [str(train_file)], "format": "messages"},
@@ -220,10 +223,10 @@ def run_edgetune(work: Path, model: Path, train_file: Path, args) -> dict:
                      "layers": "all"},
         },
     }
-    recipe_file = work / "edgetune_recipe.yaml"
+    recipe_file = work / f"edgetune_recipe{tag}.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # edgetune loads OpenBLAS itself
-    log = work / "edgetune.log"
+    log = work / f"edgetune{tag}.log"
     proc = run_child([exe, "sft", str(recipe_file), "--force"], env, log)
 
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -279,7 +282,8 @@ def mlx_lm_batches(model: Path, data_dir: Path, batch_size: int, max_seq_len: in
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    config = types.SimpleNamespace(data=str(data_dir), train=True, test=False, mask_prompt=True)
+    # train=False only silences load_dataset's "no validation set" warning; it loads all splits.
+    config = types.SimpleNamespace(data=str(data_dir), train=False, test=False, mask_prompt=True)
     train_set, _, _ = load_dataset(config, tokenizer)
     np.random.seed(seed)
     out = []
@@ -293,8 +297,12 @@ def mlx_lm_batches(model: Path, data_dir: Path, batch_size: int, max_seq_len: in
     return out
 
 
-def run_mlx_lm(work: Path, model: Path, data_dir: Path, args) -> dict:
-    """`mlx_lm.lora` for one epoch (examples / batch size iterations), OpenBLAS preloaded."""
+def run_mlx_lm(work: Path, tag: str, model: Path, data_dir: Path, batches: list[dict], args) -> dict:
+    """`mlx_lm.lora` for one epoch (examples / batch size iterations), OpenBLAS preloaded.
+
+    `batches`: from `mlx_lm_batches`. Raises RuntimeError when mlx-lm's reports
+    disagree with them (then the non-padding counts would be wrong).
+    """
     from edgetune.runtime import find_openblas
 
     iters = args.examples // args.batch_size
@@ -304,28 +312,27 @@ def run_mlx_lm(work: Path, model: Path, data_dir: Path, args) -> dict:
         "optimizer": "adamw",
         "optimizer_config": {"adamw": {"weight_decay": 0.0}},
     }
-    config_file = work / "mlx_lm_config.yaml"
+    config_file = work / f"mlx_lm_config{tag}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    reports = work / "mlx_lm_reports.jsonl"
+    reports = work / f"mlx_lm_reports{tag}.jsonl"
     lora_args = [
         "--model", str(model), "--train", "--data", str(data_dir), "--fine-tune-type", "lora",
         "--iters", str(iters), "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_len),
         "--num-layers", "-1", "--mask-prompt", "--learning-rate", str(args.learning_rate),
         "--steps-per-report", "1", "--steps-per-eval", str(iters + 1), "--val-batches", "1",
-        "--save-every", str(iters + 1), "--adapter-path", str(work / "mlx_lm_adapters"),
+        "--save-every", str(iters + 1), "--adapter-path", str(work / f"mlx_lm_adapters{tag}"),
         "--seed", str(args.seed), "-c", str(config_file),
     ]
     env = dict(os.environ)
     blas = find_openblas()
     if blas is not None:
         env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD")) if p)
-    log = work / "mlx_lm.log"
+    log = work / f"mlx_lm{tag}.log"
     proc = run_child([sys.executable, os.path.abspath(__file__), CHILD_MODE, str(reports), *lora_args], env, log)
 
     records = [json.loads(line) for line in reports.read_text().splitlines()]
     blas_seen = next((r["blas"] for r in records if "blas" in r), None)
     its = [r for r in records if "iteration" in r]
-    batches = mlx_lm_batches(model, data_dir, args.batch_size, args.max_seq_len, args.seed)
     if len(its) != iters or len(batches) != iters:
         raise RuntimeError(f"mlx-lm reported {len(its)} iterations, rebuilt {len(batches)} batches; "
                            f"expected {iters} (log {log})")
@@ -369,12 +376,15 @@ def mlx_lm_child(reports: str, lora_args: list[str]) -> None:
     from mlx_lm.tuner.callbacks import TrainingCallback
 
     with open("/proc/self/maps") as f:
-        blas = sorted({line.split()[-1] for line in f if "blas" in line.lower() and "/" in line})
+        paths = {line.split()[-1] for line in f if "/" in line}
+    # numpy ships its own (symbol-prefixed) OpenBLAS; only a system libopenblas serves MLX.
+    blas = sorted(p for p in paths if "libopenblas" in p and "numpy" not in p)
 
     class Reports(TrainingCallback):
         def __init__(self):
             self.f = open(reports, "w")
-            self.f.write(json.dumps({"blas": ", ".join(blas) or None}) + "\n")
+            self.f.write(json.dumps({"blas": f"OpenBLAS mapped: {', '.join(blas)}" if blas
+                                     else "no OpenBLAS mapped: the BLAS bundled with mlx[cpu]"}) + "\n")
 
         def on_train_loss_report(self, info: dict) -> None:
             self.f.write(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in info.items()}) + "\n")
@@ -386,6 +396,24 @@ def mlx_lm_child(reports: str, lora_args: list[str]) -> None:
     lora.main()
 
 
+def machine_probe() -> dict:
+    """What the machine can do right now: 1-minute load average and float32 matmul GFLOP/s.
+
+    The two tools run minutes apart, on a machine other work may share; each
+    result carries this so a skewed comparison can be told from a real one.
+    """
+    from edgetune.runtime import mlx_core
+
+    mx = mlx_core()
+    a = mx.random.normal((1024, 1024), key=mx.random.key(0))
+    mx.eval(a @ a)  # first call pays thread start-up
+    started = time.perf_counter()
+    for _ in range(8):
+        mx.eval(a @ a)
+    seconds = time.perf_counter() - started
+    return {"load_avg_1m": round(os.getloadavg()[0], 2), "matmul_gflops": round(8 * 2 * 1024**3 / seconds / 1e9, 1)}
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 def rate(r: dict) -> float:
@@ -394,12 +422,12 @@ def rate(r: dict) -> float:
 
 def table(results: list[dict]) -> str:
     head = ("tool", "examples", "steps", "tokens*", "train s*", "tok/s*", "MLX peak GB", "max RSS GB", "wall s",
-            "padding")
+            "padding", "GFLOP/s, load")
     rows = [head]
     for r in results:
         rows.append((r["tool"], str(r["examples"]), str(r["steps"]), f"{r['tokens']:,}", f"{r['train_s']:.1f}",
                      f"{rate(r):,.0f}", f"{r['mlx_peak_gb']:.2f}", f"{r['max_rss_gb']:.2f}", f"{r['wall_s']:.0f}",
-                     str(r["padding"])))
+                     str(r["padding"]), f"{r['machine']['matmul_gflops']:.0f}, {r['machine']['load_avg_1m']:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -411,7 +439,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="model shape from edgetune.model.tiny (small, qwen2.5-0.5b, ...)")
     p.add_argument("--arch", default=None, help="qwen2 or llama (default: the preset's own)")
-    p.add_argument("--examples", type=int, default=128, help="training examples, one epoch (rounded down to a "
+    p.add_argument("--examples", type=int, default=64, help="training examples, one epoch (rounded down to a "
                                                              "multiple of --batch-size)")
     p.add_argument("--steps", type=int, default=None,
                    help="instead of --examples: mlx-lm iterations; examples = steps x batch size")
@@ -419,11 +447,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each tool N times, alternating which goes first; report each tool's fastest run")
     p.add_argument("--json", dest="json_out", default=None, help="write the numbers to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the work folder (model, data, logs, runs)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     if args.steps is not None:
         if args.steps < 2:
             p.error("--steps must be at least 2 (the first step is excluded as warm-up)")
@@ -456,13 +488,26 @@ def main(argv: list[str]) -> int:
               f"float32), built in {time.perf_counter() - t0:.0f} s", flush=True)
         print(f"data: {json.dumps(data_stats)}", flush=True)
 
-        print("running edgetune sft ...", flush=True)
-        ours = run_edgetune(work, model, data_dir / "train.jsonl", args)
-        print("running mlx_lm.lora ...", flush=True)
-        theirs = run_mlx_lm(work, model, data_dir, args)
+        batches = mlx_lm_batches(model, data_dir, args.batch_size, args.max_seq_len, args.seed)
+        runs: dict[str, list[dict]] = {"edgetune": [], "mlx_lm.lora": []}
+        for i in range(args.repeat):
+            tag = f"_{i + 1}" if args.repeat > 1 else ""
+            order = ["edgetune", "mlx_lm.lora"][:: 1 if i % 2 == 0 else -1]  # alternate to cancel load drift
+            for tool in order:
+                machine = machine_probe()
+                print(f"running {tool} ({i + 1}/{args.repeat}; machine: {machine['matmul_gflops']} GFLOP/s "
+                      f"matmul, load {machine['load_avg_1m']}) ...", flush=True)
+                if tool == "edgetune":
+                    result = run_edgetune(work, tag, model, data_dir / "train.jsonl", args)
+                else:
+                    result = run_mlx_lm(work, tag, model, data_dir, batches, args)
+                result["machine"] = machine
+                runs[tool].append(result)
+                print(f"  {rate(result):,.0f} non-padding tok/s, MLX peak {result['mlx_peak_gb']:.2f} GB", flush=True)
     except BaseException:
         print(f"work folder kept for inspection: {work}", file=sys.stderr)
         raise
+    ours, theirs = (max(runs[t], key=rate) for t in ("edgetune", "mlx_lm.lora"))
     results = [ours, theirs]
     speedup = rate(ours) / rate(theirs)
     peak_ratio = ours["mlx_peak_gb"] / theirs["mlx_peak_gb"]
@@ -472,7 +517,8 @@ def main(argv: list[str]) -> int:
           f"alpha {LORA_ALPHA:g} on {len(TARGETS)} linear layers x {shape['layers']} blocks, float32, "
           f"{args.examples} examples (one epoch)")
     print(table(results))
-    print("* over every step but the first (compile warm-up); tokens = non-padding tokens processed")
+    print("* over every step but the first (compile warm-up); tokens = non-padding tokens processed"
+          + (f"; fastest of {args.repeat} runs each" if args.repeat > 1 else ""))
     print(f"edgetune / mlx_lm: tokens/s {speedup:.2f}x, MLX peak memory {peak_ratio:.2f}x, max RSS {rss_ratio:.2f}x")
     goal = speedup >= 2.0 and peak_ratio <= 1.0
     print(f"goal (>= 2x tokens/s at <= peak memory): {'met' if goal else 'not met'}")
@@ -484,11 +530,11 @@ def main(argv: list[str]) -> int:
     if args.json_out:
         from edgetune.fileio import write_json
 
-        for r in results:
+        for r in runs["edgetune"] + runs["mlx_lm.lora"]:
             r["tok_s"] = rate(r)
         write_json(args.json_out, {
             "settings": {k: v for k, v in vars(args).items() if k != "json_out"},
-            "model": shape, "data": data_stats, "results": results,
+            "model": shape, "data": data_stats, "results": results, "all_runs": runs,
             "ratios": {"tok_s": speedup, "mlx_peak": peak_ratio, "max_rss": rss_ratio}, "goal_met": goal,
         })
     if args.keep:

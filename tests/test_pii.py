@@ -220,6 +220,7 @@ def test_ipv6_lookalikes_left_alone(text):
     "RBP: 0000000000000000 R08: 7171717171717171",         # Luhn-valid, but no card starts 0 or 7
     "1711 1728 1745 1763 1781 1799",                       # a table of numbers
     "Sun Sep  7 11:33:09 +0200 2003",                      # a time-zone offset
+    "<Buffer 08 07 06 05 04 03 02 01>",                    # a byte dump, not 08 07 06 05 04
 ])
 def test_ordinary_numbers_left_alone(text):
     assert scrubbed(text) == (text, {})

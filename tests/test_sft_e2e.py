@@ -57,8 +57,8 @@ def adapter(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_sft_learns_answers_that_mlx_lm_generate_reproduces_and_stops(tmp_path, tiny_model_dir):
-    recipe = write_recipe(tmp_path, tiny_model_dir, steps=150, batch_size=6, packing=False,
-                          learning_rate=5e-3, warmup_steps=10, save_every=0, log_every=25)
+    recipe = write_recipe(tmp_path, tiny_model_dir, steps=200, batch_size=6, packing=False,
+                          lora={"rank": 16, "alpha": 32}, learning_rate=1e-3, save_every=0, log_every=25)
     res = edgetune("sft", str(recipe))
     assert res.returncode == 0, res.stderr
     assert "SFT finished" in res.stderr and "tok/s" in res.stderr and "ETA" in res.stderr

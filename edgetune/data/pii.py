@@ -33,17 +33,17 @@ What is detected, and what is deliberately left alone:
   (`3.6.11.1`, `1.6.12.99`; also `8.8.8.8` and `1.1.1.1`, public resolvers,
   not personal data). So about 6% of the addresses in 1.0.0.0-9.255.255.255
   (those with no octet of 100 or more after the first) are missed.
-- Payment card: 13-19 digits, either contiguous or in the printed groupings
+- Payment card: 13-19 digits, contiguous or in the printed groupings
   (4-4-4-4[-3], 4-4-4-1..4, Amex/Diners 4-6-5/4-6-4) with one kind of
-  separator (space or dash), starting with 2-6 (the payment networks:
-  Mastercard, Amex/Diners/JCB, Visa, Maestro, Discover/UnionPay; this keeps
-  zero-filled and other long numbers out), and Luhn-valid. Five or more
-  groups in a row are a table of numbers, not a card. A card-shaped run that fails Luhn
-  is left alone *entirely*: it is consumed by the card pattern, so no part of
-  it is then taken for a phone number. A contiguous run right after `-` or
-  `/` is an identifier or URL part (`fuzzer-5390364397928448`), not a card. A card directly preceded by another
-  space-separated number (`1234 4111 1111 1111 1111`) is read as one longer
-  run and missed.
+  separator (space or dash), starting with 2-6 (the payment networks, from
+  Mastercard's 2-series to Discover; this keeps zero-filled registers and
+  other long numbers out), and Luhn-valid. A card-shaped run that fails Luhn
+  is left alone *entirely*: the card pattern consumes it, so no part of it is
+  then taken for a phone number. Not cards either: a contiguous run right
+  after `-` or `/` (an identifier or URL part: `fuzzer-5390364397928448`), and
+  five or more groups in a row (a table of numbers). A card directly preceded
+  by another space-separated number (`1234 4111 1111 1111 1111`) is read as
+  one longer run and missed.
 - Phone: `+` international numbers of 7-15 digits (E.164 allows at most 15;
   a country code never starts with 0, so `+0200` time-zone offsets stay),
   with spaces, dots, dashes, a parenthesised area code or trunk `(0)`
@@ -55,7 +55,9 @@ What is detected, and what is deliberately left alone:
   detected, to keep ordinary numbers intact: bare digit runs without `+`
   (order numbers, Unix timestamps), 7-digit local numbers (`555-2671`),
   `00`-prefixed international numbers, the 5-4 shape of US ZIP+4 codes
-  (`02110-1301`), and numbers right after `/` (URL paths).
+  (`02110-1301`), numbers right after `/` (URL paths), and national forms
+  followed by one more group in the same style (`571 612 1056 1100`, byte
+  dumps), which read as one longer run.
 
 Never touched: dates (`2026-10-02`, `02.10.2026`), times, ISO timestamps,
 prices, decimals, small numbers, ids such as `A-1234`: none of them fits a
@@ -144,18 +146,24 @@ _CARD_AND_PHONE_ALTERNATIVES = [
     r"(?<![0-9][ .,-][(1])(?P<area>(?:(?<=1)[ .-]?\(|(?<=\())"
     r"[0-9]{2,5}\)[ .-]?[0-9]{3,4}[ .-]?[0-9]{2,4}(?:[ .-]?[0-9]{2,4})?)"
     r"(?![\w]|[.,-]?[0-9])",
-    # Phone, North-American 3-3-4 with one kind of separator, optional 1.
+    # Phone, North-American 3-3-4 with one kind of separator, optional 1;
+    # not followed by another group (`571 612 1056 1100` is a list).
     r"(?<=[0-9])(?<![0-9][ .,-][0-9])"
     r"(?P<nanp>(?:(?<=1)[ .-][0-9]{3}|[0-9]{2})(?P<ns>[ .-])[0-9]{3}(?P=ns)[0-9]{4})"
-    r"(?![\w]|[.,-]?[0-9])",
-    # Phone, national with trunk prefix 0 and one kind of separator.
+    r"(?![\w]|[.,-]?[0-9]|(?P=ns)[0-9])",
+    # Phone, national with trunk prefix 0 and one kind of separator; not
+    # followed by another group (`08 07 06 05 04 03 02 01` is a byte dump).
     r"(?<=0)(?<![0-9][ .,-]0)(?P<trunk>[0-9]{1,4}(?P<ts>[ .-])[0-9]{2,8}"
-    r"(?:(?P=ts)[0-9]{2,4}){0,3})(?![\w]|[.,-]?[0-9])",
+    r"(?:(?P=ts)[0-9]{2,4}){0,3})(?![\w]|[.,-]?[0-9]|(?P=ts)[0-9])",
 ]
+# Every alternative needs, right after its first character, a digit after '+',
+# or up to 5 digits, a separator and a digit, or 12 digits: checking that first
+# turns away most ordinary numbers (`3 items`, `09:14`) 25% faster.
+_NUMERIC_PREFILTER = r"(?=(?<=\+)[1-9]|[0-9]{0,5}[ .()-]{1,2}[0-9]|[0-9]{12})"
 _NUMERIC_RE = re.compile(
     # Not inside a word or after '+'. Cards and phones also not right after
     # '/' (URL paths, where long digit runs are ids); IPs are (`http://1.2.3.4`).
-    rf"[0-9+(](?<![\w+][0-9+(])(?:{_IPV4_ALTERNATIVE}"
+    rf"[0-9+(](?<![\w+][0-9+(]){_NUMERIC_PREFILTER}(?:{_IPV4_ALTERNATIVE}"
     rf"|(?<!/[0-9+(])(?:{'|'.join(_CARD_AND_PHONE_ALTERNATIVES)}))",
     re.ASCII,
 )

@@ -7,10 +7,12 @@ output head frozen at their random values. With hidden size d and init std
 so no logit can exceed ~0.02*d (~2.6 at d=128): over a 1024-token vocabulary
 the best a low-rank update can reach is p ~ e^2.6/1024, i.e. a loss near 4.
 
-A few hundred full-parameter steps on the built-in chat corpus fix that: the
-head and norm grow to give large logit margins, embeddings get structure,
-and the model learns the chat layout and to end its turn. LoRA then only has
-to steer an already-sharp model.
+So the builder initialises the head larger (`tiny.PRETRAIN_HEAD_GAIN`) and
+then runs a few hundred cheap full-parameter steps on the built-in chat
+corpus: the head and norms settle at large logit margins, embeddings get
+structure, and the model learns the chat layout and to end its turn. LoRA
+then only has to steer an already-sharp model (measured: loss 6.6 -> 0.01 in
+150 steps, against a plateau near 4.4 for the 0.02 random init).
 
 One visible loop (`pretrain`); the loss is a pure function; batches come
 from `pack_documents`. Deterministic for a given seed on a given machine.

@@ -2,17 +2,21 @@
 
 Tests, the demo and benchmarks use models edgetune builds itself:
 
-- `tiny` / `small`: a byte-level BPE trained on the built-in corpus, random
-  init, then a brief full-parameter pre-training pass (see `pretrain.py` for
-  why LoRA cannot teach a random-init tiny model) so LoRA can visibly teach
-  it. float32.
+- `tiny` (~0.43M parameters): a byte-level BPE trained on the built-in
+  corpus, an embedding/output head initialised large enough to give confident
+  logits, then a brief full-parameter pre-training pass (~150 steps, a few
+  seconds) that teaches the chat layout and end of turn. Why: see
+  `pretrain.py`. float32.
+- `small` (~29M): benchmark shape, float32, random weights (pre-training it
+  here would take minutes).
 - `qwen2.5-0.5b`, `qwen2.5-1.5b`, `llama-3.2-1b`: the real shapes and config
   with random weights, no pre-training, written in bfloat16 one tensor at a
   time (the tokenizer is the small one; embedding rows past it are unused).
 
 The folder is a standard Hugging Face layout that both `mlx_lm.load` and
 `transformers` load; it is written atomically, and the same preset, arch and
-seed give byte-identical files on the same machine.
+seed give byte-identical files on the same machine with the same BLAS thread
+count (OpenBLAS sums in a different order with 1 and 2 threads).
 """
 
 from __future__ import annotations
@@ -83,10 +87,15 @@ PRESETS: dict[str, dict] = {
 }
 
 TOKENIZER_VOCAB = 1024  # the corpus supports ~1150 merges; 1024 keeps the tiny head small
-INIT_STD = 0.02  # the usual Hugging Face initializer_range, for every matrix but the two below
-# Embeddings and the output head start at std 1/sqrt(hidden) (rows of norm ~1), not 0.02:
-# at hidden 64 a 0.02 head caps every logit near 0.02 * 64 ~ 1.3, which is
-# the LoRA plateau this builder exists to avoid (see pretrain.py).
+INIT_STD = 0.02  # the usual Hugging Face initializer_range, for every matrix but the head
+# The embedding and output head start at std gain/sqrt(hidden), not 0.02: at
+# hidden 128 a 0.02 head caps every logit near 0.02 * 128 ~ 2.6, the LoRA
+# plateau this builder exists to avoid (see pretrain.py). Measured with LoRA
+# rank 8 on five answers: gain 1 makes a random model teachable; before the
+# pre-training pass gain 4 works best (gain 1 or 2: LoRA 3-10x slower
+# afterwards; gain 8: the pass cannot tame it in 150 steps).
+HEAD_GAIN = 1.0
+PRETRAIN_HEAD_GAIN = 4.0
 
 # The pre-training pass (tiny: 150 steps x 4 x 64 tokens, ~3.5 passes over the
 # ~11k-token corpus). On a 2-core CPU MLX's exp() bounds the step time, so many
@@ -157,8 +166,11 @@ def generation_config(arch: str, token_ids: dict[str, int]) -> dict:
     return out
 
 
-def init_params(shapes: dict[str, tuple[int, ...]], seed: int, dtype) -> Iterator:
-    """Yield `(name, array)` in sorted name order: N(0, 0.02) matrices, zero biases, unit norms.
+def init_params(shapes: dict[str, tuple[int, ...]], seed: int, dtype, head_gain: float = HEAD_GAIN) -> Iterator:
+    """Yield `(name, array)` in sorted name order, each from its own key split off `seed`.
+
+    Matrices N(0, 0.02); the embedding and lm_head N(0, head_gain/sqrt(hidden));
+    biases zero; norm weights one.
 
     One tensor at a time (lazy until the caller evaluates it), so a 1.5B model
     never needs more than one float32 tensor in memory at once.
@@ -171,12 +183,12 @@ def init_params(shapes: dict[str, tuple[int, ...]], seed: int, dtype) -> Iterato
         if len(shape) == 1:  # norms are weights of ones, biases start at zero
             value = mx.zeros(shape) if name.endswith(".bias") else mx.ones(shape)
         else:
-            std = shape[-1] ** -0.5 if name in _SCALED_INIT else INIT_STD
+            std = head_gain * shape[-1] ** -0.5 if name in _HEAD_PARAMS else INIT_STD
             value = mx.random.normal(shape, key=keys[i]) * std
         yield name, value.astype(dtype)
 
 
-_SCALED_INIT = ("model.embed_tokens.weight", "lm_head.weight")
+_HEAD_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
 
 _SAFETENSORS_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}
 
@@ -247,22 +259,22 @@ def build_tiny_model(
     """Write a Hugging Face model folder at `out_dir` and return its path.
 
     `arch=None` means the preset's own family (qwen2 for tiny and small).
-    `pretrain` runs the built-in pass for presets that have one (tiny,
-    small); `on_step(step, loss)` reports its progress. Raises UserError for
-    an unknown preset or arch, a preset/arch clash, or an existing `out_dir`
-    without `force`.
+    `pretrain` runs the built-in pass where the preset has one (only tiny:
+    on this CPU it would take minutes for small); `on_step(step, loss)`
+    reports its progress. Raises UserError for an unknown preset or arch, a
+    preset/arch clash, or an existing `out_dir` without `force` (checked
+    before any work is done).
     """
     arch, shape = resolve_shape(preset, arch)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir}: already exists; choose another path or pass --force")
+    steps = shape["pretrain_steps"] if pretrain else 0
+    head_gain = PRETRAIN_HEAD_GAIN if steps else HEAD_GAIN
     mx = mlx_core()
     from mlx.utils import tree_flatten, tree_unflatten
 
     with atomic_dir(out_dir, replace=force) as tmp:
         tok = train_tokenizer(arch, TOKENIZER_VOCAB)
         token_ids = {s: tok.token_to_id(s) for s in CHAT_FORMATS[arch].specials}
-        assert tok.get_vocab_size() <= shape["vocab_size"], "tokenizer larger than the embedding"
+        assert tok.get_vocab_size() <= shape["vocab_size"], "a preset's vocab_size must cover the tokenizer"
         tok.save(str(tmp / "tokenizer.json"))
         write_json(tmp / "tokenizer_config.json", tokenizer_config(arch, tok, shape["max_position_embeddings"]))
         write_json(tmp / "special_tokens_map.json", special_tokens_map(arch))
@@ -275,15 +287,14 @@ def build_tiny_model(
         dtype = getattr(mx, shape["dtype"])
         provenance = {
             "preset": preset, "arch": arch, "seed": seed, "params": sum(math.prod(s) for s in shapes.values()),
-            "init_std": INIT_STD, "embedding_and_head_std": "1/sqrt(hidden_size)",
+            "init_std": INIT_STD, "head_init_std": f"{head_gain:g}/sqrt(hidden_size)",
             "blas": blas_info()["why"], "pretrain": None,
         }
-        steps = shape["pretrain_steps"] if pretrain else 0
         if steps:
-            model.update(tree_unflatten(list(init_params(shapes, seed, mx.float32))))
+            model.update(tree_unflatten(list(init_params(shapes, seed, mx.float32, head_gain))))
             docs = _pretrain_documents(tmp, arch)
-            batches = pack_documents(docs, PRETRAIN_SEQ_LEN, steps * PRETRAIN_BATCH, np.random.default_rng(seed))
-            losses = run_pretrain(model, batches.reshape(steps, PRETRAIN_BATCH, -1), PRETRAIN_LR, PRETRAIN_WARMUP,
+            rows = pack_documents(docs, PRETRAIN_SEQ_LEN, steps * PRETRAIN_BATCH, np.random.default_rng(seed))
+            losses = run_pretrain(model, rows.reshape(steps, PRETRAIN_BATCH, -1), PRETRAIN_LR, PRETRAIN_WARMUP,
                                   on_step)
             provenance["pretrain"] = {
                 "steps": steps, "batch": PRETRAIN_BATCH, "seq_len": PRETRAIN_SEQ_LEN, "lr": PRETRAIN_LR,
@@ -292,8 +303,7 @@ def build_tiny_model(
             }
             params = ((k, v.astype(dtype)) for k, v in sorted(tree_flatten(model.parameters())))
         else:
-            params = init_params(shapes, seed, dtype)
+            params = init_params(shapes, seed, dtype, head_gain)
         write_safetensors(tmp / "model.safetensors", shapes, shape["dtype"], params)
         write_json(tmp / "edgetune_build.json", provenance)
-    return out_dir
-
+    return Path(out_dir)
