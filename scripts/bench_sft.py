@@ -4,9 +4,9 @@ Both tools train the same LoRA (rank 8, alpha 16 = mlx-lm scale 2.0, all 7
 linear layers of every block, dropout 0) on the same float32 model folder and
 the same chat examples, one after the other, each in its own subprocess:
 
-    python scripts/bench_sft.py                              # preset small, 64 examples
-    python scripts/bench_sft.py --preset qwen2.5-0.5b --examples 24 --batch-size 2
-    python scripts/bench_sft.py --steps 20 --json out.json --keep
+    python scripts/bench_sft.py                              # preset small, 64 examples (~5-10 min)
+    python scripts/bench_sft.py --preset qwen2.5-0.5b --examples 6 --batch-size 1 --max-seq-len 512
+    python scripts/bench_sft.py --steps 20 --repeat 2 --json out.json --keep
 
 The data: chat examples whose prompt and completion lengths are each drawn
 log-normal (median 100 tokens) within 20..1,000 tokens, random words from the
@@ -40,6 +40,10 @@ What is measured, the same way for both:
   report before using the batch's non-padding count.
 - MLX peak memory (`mx.get_peak_memory()`, as each tool reports it; excludes
   MLX's buffer cache) and the process's max RSS (`wait4` rusage, per process).
+- Before each run: the 1-minute load average and a float32 matmul GFLOP/s
+  probe, printed beside the result. On a shared machine the two runs can see
+  different loads; `--repeat N` alternates the order and keeps each tool's
+  fastest run.
 
 mlx-lm gets OpenBLAS through LD_PRELOAD (edgetune loads it itself); without it
 the `mlx[cpu]` wheel's reference BLAS makes mlx-lm ~20x slower. mlx-lm runs as

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import re
 from collections import Counter
@@ -195,7 +194,7 @@ def test_chunks_own_the_lines_that_start_in_their_range(tmp_path):
     seen = []
     for k in range(13):
         chunk = stage.Chunk(k, 0, str(log), "lines", size * k // 13, size * (k + 1) // 13)
-        seen += [obj["n"] for _, _, obj in stage.iter_chunk(chunk)]
+        seen += [obj["n"] for _, _, obj, _ in stage.iter_chunk(chunk)]
     assert seen == list(range(200))
 
 
@@ -371,16 +370,15 @@ def test_staged_rows_equal_json_dumps_of_the_scrubbed_rows():
         m("u2", "user", "no"), m("a2", "assistant", "Better", corrects="a1", feedback={"rating": "down"}),
         m("a3", "assistant", "Best", corrects="a2"), persona='p\t"x'))
     curated = rules.curate_conversation(conv)
-    buf = io.StringIO()
-    stage.stage_curated(buf, 7, curated, "train", "c1")
-    staged = buf.getvalue().splitlines(keepends=True)[1:]
+    tally, staged = stage.stage_rows(curated, "train", "c1")
+    assert json.loads(tally) == {"signals": curated.signals, "drops": curated.drops, "conflicts": []}
     assert len(staged) == len(curated.rows)
-    for (output, row), line in zip(curated.rows, staged):
+    for (output, row), (staged_output, fields, row_json) in zip(curated.rows, staged):
         counts = Counter()
         expected = _scrub_reference(row, counts)
-        got_output, split, key, rule, persona, pii, row_json = line.split("\t", 6)
-        assert (got_output, split, rule) == (output, "train", row["source"]["rule"])
-        assert row_json == json.dumps(expected, ensure_ascii=False) + "\n"
+        got_output, split, key, rule, persona, pii = fields.split("\t")
+        assert (staged_output, got_output, split, rule) == (output, output, "train", row["source"]["rule"])
+        assert row_json == (json.dumps(expected, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
         assert key == rules.dedup_key(output, expected).hex()
         assert pii == ",".join(str(counts[k]) for k in stage.PII_KINDS)
         assert json.loads(persona) == 'p\t"x'

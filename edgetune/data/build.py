@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import gc
-import hashlib
 import heapq
 import json
 import multiprocessing
@@ -39,13 +38,14 @@ from array import array
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from hashlib import blake2b
 from pathlib import Path
 from typing import Callable
 
 from edgetune.data import rules
 from edgetune.data.records import FeedbackRecord
 from edgetune.data.stage import (NO_PII, PII_KINDS, POSITION_BITS, Chunk, ChunkResult, read_staged,
-                                 restage_conversations, stage_chunk, staging_path)
+                                 restage_conversations, stage_chunk, staging_index, staging_rows)
 from edgetune.errors import InputError, UserError
 from edgetune.fileio import atomic_dir, sha256_file, write_json
 
@@ -237,13 +237,19 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
 
         with atomic_dir(out, replace=force) as folder:
             progress("writing outputs")
-            merge = _Merge(folder, options)
+            merge = _Merge(options)
             for chunk in chunks:
-                first = (r for r in read_staged(staging_path(staging, chunk, "a")) if r[0] not in set_aside)
-                again = read_staged(staging_path(staging, chunk, "b")) if chunk.index in requests else ()
-                for _, tally, rows in heapq.merge(first, again, key=lambda record: record[0]):
-                    merge.add(tally, rows)
-            merge.finish()
+                first = merge.source(staging, chunk, "a")
+                records = [((pos, tally, rows, first) for pos, tally, rows in read_staged(first.index))]
+                if chunk.index in requests:
+                    again = merge.source(staging, chunk, "b")
+                    records.append((pos, tally, rows, again) for pos, tally, rows in read_staged(again.index))
+                for pos, tally, rows, source in heapq.merge(*records, key=lambda record: record[0]):
+                    if source is first and pos in set_aside:
+                        merge.skip(source, rows)
+                    else:
+                        merge.add(source, tally, rows)
+            merge.write(folder)
             report = _report(scan, folder, options, merge, unused, orphans, input_hashes.result())
             write_json(folder / "report.json", report)
     return report
@@ -269,28 +275,35 @@ def _plan_restaging(scan: Scan) -> tuple[dict[int, list], list]:
 
 # --- merging staged rows into the outputs -----------------------------------------------
 
+class _RowSource:
+    """The staged rows of one chunk and phase, and how far the merge has read into each rows file."""
+
+    def __init__(self, folder: str, chunk: Chunk, phase: str, number: int):
+        self.index = staging_index(folder, chunk, phase)
+        self.files = {(s, o): staging_rows(folder, chunk, phase, s, o) for s in rules.SPLITS for o in rules.OUTPUTS}
+        self.number = number  # rank among all sources, so a range of rows is `(number, start, end)`
+        self.offsets = dict.fromkeys(self.files, 0)
+
+
 class _Merge:
-    """Writes staged rows of the latest versions into the six outputs, in log order.
+    """Gathers the staged rows of the latest versions into the six outputs, in log order.
 
     Drops duplicates (rule 7: the same example after whitespace
-    normalisation, first occurrence kept) and sums the report's counts. With
-    a persona cap, train SFT rows go to a side file, so `finish` can
-    down-sample them once every row is known. The eval split keeps the log's
-    own persona mix: it measures the model on the traffic it will serve.
+    normalisation, first occurrence kept) and sums the report's counts.
+    Rows are not read: the staged rows files already hold them as they will
+    be written, so the merge only notes which byte ranges of them to keep,
+    and `write` copies those ranges (in the kernel, where it can). With a
+    persona cap, the train SFT rows are noted one by one, so that `write`
+    can down-sample them once every row is known. The eval split keeps the
+    log's own persona mix: it measures the model on the traffic it will serve.
     """
 
-    def __init__(self, folder: Path, options: BuildOptions):
-        self.folder = folder
+    def __init__(self, options: BuildOptions):
         self.options = options
         self.capped = options.max_persona_share is not None
-        self.files = {}
-        for split in rules.SPLITS:
-            (folder / split).mkdir()
-            for output in rules.OUTPUTS:
-                name = f"{output}.jsonl"
-                if (split, output) == ("train", "sft") and self.capped:
-                    name = "sft.uncapped.jsonl"
-                self.files[split, output] = open(folder / split / name, "w", encoding="utf-8", newline="\n")
+        self.sources: list[_RowSource] = []
+        self.ranges: dict[tuple[str, str], list[list[int]]] = {  # (split, output) -> [[source, start, end]]
+            (s, o): [] for s in rules.SPLITS for o in rules.OUTPUTS}
         self.seen: dict[str, set[bytes]] = {o: set() for o in rules.OUTPUTS}  # 16-byte dedup digests
         self.signals: Counter = Counter()
         self.drops: Counter = Counter()
@@ -300,26 +313,43 @@ class _Merge:
         self.written: Counter = Counter()  # (rule, output) -> rows
         self.personas: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (split, output) -> persona -> rows
         self._persona_names: dict[str, str] = {}  # staged JSON -> name, decoded once
-        # For the persona cap, in write order, per train SFT row: persona and rule, sampling key, PII.
+        # For the persona cap, in log order, per train SFT row: persona and rule, sampling key, PII, range.
         self.sft_rows: list[tuple[str, str]] = []
         self.sft_keys = array("Q")
         self.sft_pii: dict[int, Counter] = {}
+        self.sft_ranges = array("Q")  # source, start, end of each row
 
-    def add(self, tally: dict, rows: list[str]) -> None:
+    def source(self, folder: str, chunk: Chunk, phase: str) -> _RowSource:
+        """The staged rows of `chunk` and `phase`, to pass to `add` and `skip`."""
+        source = _RowSource(folder, chunk, phase, len(self.sources))
+        self.sources.append(source)
+        return source
+
+    def skip(self, source: _RowSource, rows: list[str]) -> None:
+        """A staged record that does not count (a replaced version, or one curated again)."""
+        offsets = source.offsets
+        for line in rows:
+            output, split, *_, size = line.split("\t")
+            offsets[split, output] += int(size)
+
+    def add(self, source: _RowSource, tally: str, rows: list[str]) -> None:
         """One staged record: its tallies and its rows."""
+        tally = json.loads(tally)
         self.signals.update(tally["signals"])
         self.drops.update(tally["drops"])
         self.n_conflicts += len(tally["conflicts"])
         self.conflicts += tally["conflicts"][:EXAMPLES - len(self.conflicts)]
+        offsets = source.offsets
         for line in rows:
-            output, split, key_hex, rule, persona_json, pii, row_json = line.split("\t", 6)
+            output, split, key_hex, rule, persona_json, pii, size = line.split("\t")
+            start = offsets[split, output]
+            end = offsets[split, output] = start + int(size)
             key = bytes.fromhex(key_hex)
             seen = self.seen[output]
             if key in seen:
                 self.drops[f"duplicate_{output}"] += 1
                 continue
             seen.add(key)
-            self.files[split, output].write(row_json)  # ends with its newline
             persona = self._persona_names.get(persona_json)
             if persona is None:
                 persona = self._persona_names[persona_json] = json.loads(persona_json)
@@ -333,15 +363,25 @@ class _Merge:
                 if row_pii:
                     self.sft_pii[len(self.sft_rows)] = row_pii
                 self.sft_rows.append((persona, rule))
-                seeded = hashlib.blake2b(key, digest_size=8, key=str(self.options.seed).encode()).digest()
+                seeded = blake2b(key, digest_size=8, key=str(self.options.seed).encode()).digest()
                 self.sft_keys.append(int.from_bytes(seeded, "big"))
+                self.sft_ranges.extend((source.number, start, end))
+                continue
+            ranges = self.ranges[split, output]
+            last = ranges[-1] if ranges else None
+            if last is not None and last[0] == source.number and last[2] == start:
+                last[2] = end  # the row right after the last one kept: one range
+            else:
+                ranges.append([source.number, start, end])
 
-    def finish(self) -> None:
-        """Close the files; apply the persona cap to the train SFT rows."""
-        for f in self.files.values():
-            f.close()
+    def write(self, folder: Path) -> None:
+        """Write the six outputs into `folder`, applying the persona cap to the train SFT rows."""
         if self.capped:
             self._cap_train_sft()
+        for (split, output), ranges in self.ranges.items():
+            (folder / split).mkdir(exist_ok=True)
+            _copy_ranges([source.files[split, output] for source in self.sources], ranges,
+                         folder / split / f"{output}.jsonl")
 
     def _cap_train_sft(self) -> None:
         rows, keys = self.sft_rows, self.sft_keys
@@ -360,20 +400,46 @@ class _Merge:
                 ordered = sorted(keys[i] for i, (p, _) in enumerate(rows) if p == persona)
                 limit[persona] = ordered[n - 1] if n else -1
         kept: Counter = Counter()
-        uncapped = self.folder / "train" / "sft.uncapped.jsonl"
-        with open(uncapped, encoding="utf-8") as src, \
-                open(self.folder / "train" / "sft.jsonl", "w", encoding="utf-8", newline="\n") as dst:
-            for i, line in enumerate(src):
-                persona, rule = rows[i]
-                if persona not in limit or (keys[i] <= limit[persona] and kept[persona] < keep[persona]):
-                    kept[persona] += 1
-                    dst.write(line)
-                    continue
-                self.drops["persona_cap"] += 1
-                self.written[rule, "sft"] -= 1
-                self.personas["train", "sft"][persona] -= 1
-                self.pii.subtract(self.sft_pii.get(i, {}))
-        uncapped.unlink()
+        ranges = self.ranges["train", "sft"]
+        for i, (persona, rule) in enumerate(rows):
+            if persona not in limit or (keys[i] <= limit[persona] and kept[persona] < keep[persona]):
+                kept[persona] += 1
+                ranges.append(self.sft_ranges[3 * i: 3 * i + 3].tolist())
+                continue
+            self.drops["persona_cap"] += 1
+            self.written[rule, "sft"] -= 1
+            self.personas["train", "sft"][persona] -= 1
+            self.pii.subtract(self.sft_pii.get(i, {}))
+
+
+def _copy_ranges(files: list[Path], ranges: list[list[int]], dst: Path) -> None:
+    """Write `dst` as the byte ranges `[file number, start, end]` of `files`, in order.
+
+    The bytes are copied by the kernel (`os.copy_file_range`: no trip
+    through Python, nor through user space on most file systems) where it
+    can, else read and written in blocks.
+    """
+    copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
+    handles: dict[int, int] = {}
+    with open(dst, "wb", buffering=0) as out:
+        try:
+            for number, start, end in ranges:
+                src = handles.get(number)
+                if src is None:
+                    src = handles[number] = os.open(files[number], os.O_RDONLY)
+                while start < end:
+                    n = 0
+                    if copy_file_range is not None:
+                        try:
+                            n = copy_file_range(src, out.fileno(), end - start, start)
+                        except OSError:  # e.g. a file system that cannot: copy by hand from now on
+                            copy_file_range = None
+                    if not n:
+                        n = out.write(os.pread(src, min(end - start, 1 << 20), start))
+                    start += n
+        finally:
+            for fd in handles.values():
+                os.close(fd)
 
 
 # --- the report --------------------------------------------------------------------------

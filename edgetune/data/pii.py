@@ -154,7 +154,7 @@ _CARD_AND_PHONE_ALTERNATIVES = [
     # Phone, national with trunk prefix 0 and one kind of separator; not
     # followed by another group (`08 07 06 05 04 03 02 01` is a byte dump).
     r"(?<=0)(?<![0-9][ .,-]0)(?P<trunk>[0-9]{1,4}(?P<ts>[ .-])[0-9]{2,8}"
-    r"(?:(?P=ts)[0-9]{2,4}){0,3})(?![\w]|[.,-]?[0-9]|(?P=ts)[0-9])",
+    r"(?:(?P=ts)[0-9]{2,4}){0,4})(?![\w]|[.,-]?[0-9]|(?P=ts)[0-9])",
 ]
 # Every alternative needs, right after its first character, a digit after '+',
 # or up to 5 digits, a separator and a digit, or 12 digits: checking that first
