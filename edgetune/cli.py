@@ -42,9 +42,10 @@ def _register() -> None:
 
     main.add_command(model)
 
-    from edgetune.train_cli import sft
+    from edgetune.train_cli import demo, sft
 
     main.add_command(sft)
+    main.add_command(demo)
 
     from edgetune.recipe import recipe
 

@@ -22,3 +22,16 @@ def sft(recipe_path: str, overrides: tuple[str, ...], resume: bool, force: bool)
 
     recipe = load_recipe(recipe_path, list(overrides))
     run_sft(recipe, resume=resume, force=force, echo=_echo)
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False), default="edgetune-demo", show_default=True,
+              help="Folder for the demo's data, model and runs.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def demo(out: str, force: bool) -> None:
+    """Run the pipeline offline on a tiny model and the sample feedback log shipped with edgetune."""
+    from pathlib import Path
+
+    from edgetune.demo import run_demo
+
+    run_demo(Path(out), force=force, echo=_echo)

@@ -50,21 +50,25 @@ def test_next_token_loss_on_hand_worked_values():
     assert loss.item() == pytest.approx(math.log(8 / 3) / 2, rel=1e-6)
 
 
-def test_pack_documents_fills_rows_from_whole_shuffles():
+def test_pack_documents_fills_rows_from_whole_shuffles_with_their_masks():
     from edgetune.model.pretrain import pack_documents
 
-    docs = [[1, 2, 3], [4, 5], [6]]
-    rows = pack_documents(docs, seq_len=3, rows=4, rng=np.random.default_rng(0))
-    assert rows.shape == (4, 4) and rows.dtype == np.int32
-    stream = rows.reshape(-1).tolist()
-    # Each full pass over the corpus (6 tokens) holds every document once, unbroken.
+    docs = [([1, 2, 3], [0, 1, 1]), ([4, 5], [1, 1]), ([6], [0])]
+    tokens, mask = pack_documents(docs, seq_len=3, rows=4, rng=np.random.default_rng(0))
+    assert tokens.shape == mask.shape == (4, 4) and tokens.dtype == np.int32
+    stream, flags = tokens.reshape(-1).tolist(), mask.reshape(-1).tolist()
+    # Each full pass over the corpus (6 tokens) holds every document once, unbroken, mask alongside.
     for start in (0, 6):
         chunk = stream[start:start + 6]
         assert sorted(chunk) == [1, 2, 3, 4, 5, 6] and "1, 2, 3" in str(chunk)
+    expected_flag = {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 0}
+    assert flags == [expected_flag[t] for t in stream]
     again = pack_documents(docs, seq_len=3, rows=4, rng=np.random.default_rng(0))
-    assert np.array_equal(rows, again)
-    with pytest.raises(ValueError):
-        pack_documents([[]], seq_len=3, rows=1, rng=np.random.default_rng(0))
+    assert np.array_equal(tokens, again[0]) and np.array_equal(mask, again[1])
+    with pytest.raises(ValueError, match="no tokens"):
+        pack_documents([([], [])], seq_len=3, rows=1, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="as long as"):
+        pack_documents([([1, 2], [1])], seq_len=3, rows=1, rng=np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("preset, arch, expected", [
@@ -353,12 +357,13 @@ def test_pretraining_loop_is_deterministic_and_learns():
               "tie_word_embeddings": True}
     batch = np.random.default_rng(0).integers(0, 64, size=(2, 17)).astype(np.int32)
     batches = np.stack([batch] * 20)
+    masks = np.ones_like(batches)
 
     def run():
         model = _mlx_model("qwen2", config)
         shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
         model.update(tree_unflatten(list(init_params(shapes, 3, mx.float32, head_gain=4.0))))
-        losses = pretrain(model, batches, learning_rate=1e-2, warmup=2)
+        losses = pretrain(model, batches, masks, learning_rate=1e-2, warmup=2)
         return losses, {k: np.array(v) for k, v in tree_flatten(model.parameters())}
 
     (losses_a, weights_a), (losses_b, weights_b) = run(), run()

@@ -43,32 +43,45 @@ def next_token_loss(logits, targets, mask):
     return ((logz - target_logit) * mask).sum() / ntoks, ntoks
 
 
-def pack_documents(docs: list[list[int]], seq_len: int, rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Pack documents end to end into `rows` rows of `seq_len + 1` token ids.
+def pack_documents(
+    docs: list[tuple[list[int], list[int]]], seq_len: int, rows: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pack `(token_ids, loss_mask)` documents end to end into `rows` rows of `seq_len + 1`.
 
     Documents are shuffled (by `rng`) and concatenated, one shuffle after
     another until `rows` rows are filled; a row may start or end mid-document
-    (plain LM pre-training, no cross-document masking). Row i is the input
-    `[:-1]` and the target `[1:]`. Raises ValueError on an empty corpus.
+    (no cross-document masking). Returns `(tokens, mask)`, both (rows,
+    seq_len + 1): row i's input is `tokens[i, :-1]`, its targets
+    `tokens[i, 1:]`, counted where `mask[i, 1:]` is 1. Raises ValueError on an
+    empty corpus or a mask whose length differs from its document's.
     """
-    if not docs or not any(docs):
+    if not any(ids for ids, _ in docs):
         raise ValueError("pack_documents: no tokens to pack")
+    if any(len(ids) != len(mask) for ids, mask in docs):
+        raise ValueError("pack_documents: every mask must be as long as its document")
     need = rows * (seq_len + 1)
-    stream: list[int] = []
-    while len(stream) < need:
+    tokens: list[int] = []
+    mask: list[int] = []
+    while len(tokens) < need:
         for i in rng.permutation(len(docs)):
-            stream.extend(docs[i])
-    return np.asarray(stream[:need], dtype=np.int32).reshape(rows, seq_len + 1)
+            tokens.extend(docs[i][0])
+            mask.extend(docs[i][1])
+    shape = (rows, seq_len + 1)
+    return np.asarray(tokens[:need], np.int32).reshape(shape), np.asarray(mask[:need], np.int32).reshape(shape)
 
 
 def pretrain(
     model,
     batches: np.ndarray,
+    masks: np.ndarray,
     learning_rate: float,
     warmup: int,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Full-parameter AdamW on `batches` (steps, batch, seq_len + 1); returns per-step losses.
+
+    `masks` (same shape) marks the tokens whose prediction counts (see
+    `pack_documents`); every batch must count at least one.
 
     The LR warms up linearly for `warmup` steps, then follows a cosine down to
     a tenth. No weight decay: the point is to let the head and norms grow.
@@ -86,15 +99,14 @@ def pretrain(
     )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.0)
 
-    def loss_fn(model, inputs, targets):
-        logits = model(inputs)
-        return next_token_loss(logits, targets, mx.ones(targets.shape))
+    def loss_fn(model, inputs, targets, mask):
+        return next_token_loss(model(inputs), targets, mask)
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
-    def step(inputs, targets):
-        (loss, _), grads = loss_and_grad(model, inputs, targets)
+    def step(inputs, targets, mask):
+        (loss, _), grads = loss_and_grad(model, inputs, targets, mask)
         optimizer.update(model, grads)
         return loss
 
@@ -102,8 +114,8 @@ def pretrain(
 
     losses: list[float] = []
     for i in range(steps):
-        batch = mx.array(batches[i])
-        loss = step(batch[:, :-1], batch[:, 1:])
+        batch, mask = mx.array(batches[i]), mx.array(masks[i])
+        loss = step(batch[:, :-1], batch[:, 1:], mask[:, 1:])
         mx.eval(state, loss)
         losses.append(loss.item())
         if on_step is not None:

@@ -228,22 +228,37 @@ def _mlx_model(arch: str, config: dict):
     return module.Model(module.ModelArgs.from_dict(config))
 
 
-def _pretrain_documents(folder: Path, arch: str) -> list[list[int]]:
-    """The built-in corpus as token ids, rendered by the folder's own tokenizer and chat template.
+def _pretrain_documents(folder: Path, arch: str) -> list[tuple[list[int], list[int]]]:
+    """The built-in corpus as `(token_ids, loss_mask)`, rendered by the folder's own tokenizer.
 
     Going through transformers means pre-training sees exactly the token ids
-    fine-tuning and inference will see. Chats end with the end-of-turn token
-    the template writes; prose gets the document-end token.
+    fine-tuning and inference will see. In chats only the assistant turns
+    count, end-of-turn token included (as in SFT): a few seconds of training
+    then go to answering and stopping, not to guessing user questions. Prose
+    counts whole and ends with the document-end token.
     """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     doc_end = tok.convert_tokens_to_ids(CHAT_FORMATS[arch].doc_end)
+
+    def render(messages, add_generation_prompt=False):
+        return list(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                            tokenize=True, return_dict=False))
+
     docs = []
     for conv in corpus.conversations():
-        docs.append(list(tok.apply_chat_template(conv, tokenize=True, return_dict=False)) + [doc_end])
+        ids = render(conv)
+        mask = [0] * len(ids)
+        for i, message in enumerate(conv):
+            if message["role"] == "assistant":
+                start, end = len(render(conv[:i], add_generation_prompt=True)), len(render(conv[:i + 1]))
+                assert ids[:end] == render(conv[:i + 1]), "chat template must render prefixes consistently"
+                mask[start:end] = [1] * (end - start)
+        docs.append((ids + [doc_end], mask + [0]))
     for text in corpus.PROSE:
-        docs.append(tok.encode(text, add_special_tokens=True) + [doc_end])
+        ids = tok.encode(text, add_special_tokens=True) + [doc_end]
+        docs.append((ids, [1] * len(ids)))
     return docs
 
 
@@ -293,12 +308,15 @@ def build_tiny_model(
         if steps:
             model.update(tree_unflatten(list(init_params(shapes, seed, mx.float32, head_gain))))
             docs = _pretrain_documents(tmp, arch)
-            rows = pack_documents(docs, PRETRAIN_SEQ_LEN, steps * PRETRAIN_BATCH, np.random.default_rng(seed))
-            losses = run_pretrain(model, rows.reshape(steps, PRETRAIN_BATCH, -1), PRETRAIN_LR, PRETRAIN_WARMUP,
+            rows, masks = pack_documents(docs, PRETRAIN_SEQ_LEN, steps * PRETRAIN_BATCH,
+                                         np.random.default_rng(seed))
+            shape3 = (steps, PRETRAIN_BATCH, PRETRAIN_SEQ_LEN + 1)
+            losses = run_pretrain(model, rows.reshape(shape3), masks.reshape(shape3), PRETRAIN_LR, PRETRAIN_WARMUP,
                                   on_step)
             provenance["pretrain"] = {
                 "steps": steps, "batch": PRETRAIN_BATCH, "seq_len": PRETRAIN_SEQ_LEN, "lr": PRETRAIN_LR,
-                "warmup": PRETRAIN_WARMUP, "corpus_tokens": sum(map(len, docs)),
+                "warmup": PRETRAIN_WARMUP, "corpus_tokens": sum(len(ids) for ids, _ in docs),
+                "counted_tokens": sum(sum(mask) for _, mask in docs),
                 "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             }
             params = ((k, v.astype(dtype)) for k, v in sorted(tree_flatten(model.parameters())))
