@@ -103,6 +103,7 @@ def word_pool(tokenizer) -> list[str]:
 
 
 def draw_length(rng: np.random.Generator) -> int:
+    """One prompt or completion length in tokens (see LENGTH_MEDIAN)."""
     lo, hi = LENGTH_RANGE
     while True:
         n = int(round(rng.lognormal(np.log(LENGTH_MEDIAN), LENGTH_SIGMA)))
@@ -244,6 +245,9 @@ def run_edgetune(work: Path, tag: str, model: Path, train_file: Path, args) -> d
         raise RuntimeError(f"edgetune processed {sum(r['tokens'] for r in steps)} positions of "
                            f"{data['kept']} examples; expected {expected} of {args.examples} ({out})")
     window = steps[1:]
+    if not window:
+        raise UserError(f"edgetune packed all {args.examples} examples into one step, which is excluded as "
+                        "warm-up; raise --examples (or lower --batch-size)")
     text = log.read_text(errors="replace")
     return {
         "tool": "edgetune",
@@ -361,8 +365,8 @@ def run_mlx_lm(work: Path, tag: str, model: Path, data_dir: Path, batches: list[
         "trainable_parameters": _after(text, "Trainable parameters: "),
         "padding": f"{1 - sum(b['tokens'] for b in batches) / sum(b['area'] for b in batches):.1%}",
         "blas": blas_seen,
-        "reported_tok_s": sum(r["tokens_per_second"] / r["iterations_per_second"] for r in its[1:])
-        / max(sum(1.0 / r["iterations_per_second"] for r in its[1:]), 1e-9),  # supervised, as mlx-lm counts
+        # What mlx-lm itself would print for the same window: supervised tokens / s.
+        "reported_tok_s": sum(reported[i] for i in window) / sum(1.0 / its[i]["iterations_per_second"] for i in window),
         **proc,
     }
 
@@ -375,8 +379,7 @@ def mlx_lm_child(reports: str, lora_args: list[str]) -> None:
     memory); training is mlx-lm's own code path. The first line records which
     BLAS the process mapped, to show the LD_PRELOAD took effect.
     """
-    import mlx.core as mx  # noqa: F401  (loads libmlx, so its BLAS is mapped below)
-    import mlx_lm.lora as lora
+    import mlx_lm.lora as lora  # imports mlx.core, so MLX's BLAS is mapped by now
     from mlx_lm.tuner.callbacks import TrainingCallback
 
     with open("/proc/self/maps") as f:

@@ -57,7 +57,7 @@ def test_defaults_live_in_the_schema(tmp_path):
     assert s.lora.targets == ALL_LINEAR
     assert (s.batch_size, s.grad_accumulation, s.learning_rate, s.warmup_steps) == (4, 1, 1e-4, 0)
     assert (s.lr_schedule, s.min_lr_ratio, s.weight_decay, s.max_grad_norm) == ("constant", 0.0, 0.0, 1.0)
-    assert (s.max_seq_len, s.truncation, s.packing, s.grad_checkpoint) == (2048, "left", True, False)
+    assert (s.max_seq_len, s.truncation, s.packing, s.grad_checkpoint) == (2048, "left", False, False)
     assert (s.seed, s.eval_every, s.eval_batches, s.save_every, s.keep_checkpoints) == (0, 0, None, 100, 3)
     assert (s.max_nonfinite_steps, s.log_every, s.steps, s.epochs) == (5, 10, 10, None)
     assert r.data.format == "auto"
@@ -166,11 +166,11 @@ def test_overrides_are_applied_and_parsed_as_yaml(tmp_path, monkeypatch):
     sub.mkdir()
     path = write(sub, MINIMAL)
     r = load_recipe(path, ["sft.steps=null", "sft.epochs=2", "sft.learning_rate=3e-4",
-                           "sft.lora.targets=[q_proj, v_proj]", "sft.packing=false", "quantize=q4",
+                           "sft.lora.targets=[q_proj, v_proj]", "sft.packing=true", "quantize=q4",
                            "output=elsewhere", "data.format=edgetune"])
     assert (r.sft.steps, r.sft.epochs, r.sft.learning_rate) == (None, 2.0, 3e-4)
     assert r.sft.lora.targets == ["q_proj", "v_proj"]
-    assert (r.sft.packing, r.quantize) == (False, "q4")
+    assert (r.sft.packing, r.quantize) == (True, "q4")
     # Typed at the shell: relative to where it was typed, not to the recipe file.
     assert r.output == str(tmp_path / "elsewhere")
     # `data: build` became {dir: build, format: edgetune}; the file's path keeps the file's folder.

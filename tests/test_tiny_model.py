@@ -274,7 +274,8 @@ def test_pretrained_tiny_model_ends_its_turn(which, request):
 
 
 def lora_finetune(folder: Path, steps: int) -> tuple[list[float], object, object]:
-    """LoRA rank 8, alpha 16 (scale 2, edgetune's default) on every linear layer; Adam 1e-3, full batch."""
+    """LoRA rank 8, alpha 16 (scale 2, edgetune's default) on every linear layer; Adam 1e-3, full batch,
+    gradient norm clipped to 1."""
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx_lm import load
@@ -306,6 +307,7 @@ def lora_finetune(folder: Path, steps: int) -> tuple[list[float], object, object
     losses = []
     for _ in range(steps):
         (loss, _), grads = loss_and_grad(model, x, m)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)  # as edgetune's trainer does by default
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, loss)
         losses.append(loss.item())
@@ -315,7 +317,8 @@ def lora_finetune(folder: Path, steps: int) -> tuple[list[float], object, object
 @pytest.mark.slow
 def test_lora_teaches_the_pretrained_tiny_model_past_the_random_init_plateau(tiny_model_dir):
     """The issue: LoRA on a random tiny model plateaus near loss 3.8-4.4. On ours it memorises
-    five unseen answers (measured: 6.6 -> ~0.01 in 150 steps) and greedy decoding stops at <|im_end|>."""
+    five unseen answers (measured over seeds 0-2: ~6.5 -> below 0.02 in 150 steps) and greedy
+    decoding stops at <|im_end|>."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -339,7 +342,7 @@ def test_cli_build_is_byte_identical_to_the_same_seed_built_in_process(tmp_path)
 
     res = edgetune("model", "tiny", str(tmp_path / "cli"), "--arch", "llama", "--seed", "5", "--no-pretrain")
     assert res.returncode == 0, res.stderr
-    assert "llama tiny, 557,696 parameters, not pre-trained" in res.stdout
+    assert "llama tiny, 853,120 parameters, not pre-trained" in res.stdout
     here = build_tiny_model(tmp_path / "here", arch="llama", seed=5, pretrain=False)
     for f in sorted(here.iterdir()):
         assert (tmp_path / "cli" / f.name).read_bytes() == f.read_bytes(), f.name

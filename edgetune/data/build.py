@@ -7,7 +7,8 @@ number of conversation ids:
 
 1. Stage (workers, `stage.stage_chunk`): every record is validated;
    conversations with an inline signal and comparisons are curated, scrubbed
-   and their rows staged on disk. Each worker returns its index entries, its
+   and their rows staged on disk, encoded as they will be written (compact
+   JSON, one row a line). Each worker returns its index entries, its
    split-out `feedback` records (few) and its problems.
 2. Resolve (here): latest version wins (a repeated id: the later line);
    invalid records stop the build (nothing written, `--out` untouched)
@@ -16,8 +17,10 @@ number of conversation ids:
    split-out feedback points to are read back by position and curated again
    with all their signals; their first-pass rows are set aside.
 4. Merge (here, in log order): staged rows of the latest versions are
-   de-duplicated (rule 7, first occurrence wins), written to their split,
-   counted for the report, and SFT rows down-sampled per persona if asked.
+   de-duplicated (rule 7, first occurrence wins), counted for the report,
+   SFT rows down-sampled per persona if asked, and the byte ranges of the
+   rows kept copied from the staging files into the outputs (the only
+   serial step: it reads the staging index, never a row).
 
 Row order is log order (files as given, then lines, then messages); the
 result does not depend on the number of workers. Same inputs in the same
@@ -44,7 +47,7 @@ from typing import Callable
 
 from edgetune.data import rules
 from edgetune.data.records import FeedbackRecord
-from edgetune.data.stage import (NO_PII, PII_KINDS, POSITION_BITS, Chunk, ChunkResult, read_staged,
+from edgetune.data.stage import (NO_PII, PII_KINDS, POSITION_BITS, Chunk, ChunkResult, parse_tally, read_staged,
                                  restage_conversations, stage_chunk, staging_index, staging_rows)
 from edgetune.errors import InputError, UserError
 from edgetune.fileio import atomic_dir, sha256_file, write_json
@@ -296,6 +299,10 @@ class _Merge:
     persona cap, the train SFT rows are noted one by one, so that `write`
     can down-sample them once every row is known. The eval split keeps the
     log's own persona mix: it measures the model on the traffic it will serve.
+
+    The merge is the one serial step after the workers: per row it only
+    splits off the fields it needs, and counts rows by their remaining index
+    fields ("rule, persona, PII"), decoded once per distinct value in `write`.
     """
 
     def __init__(self, options: BuildOptions):
@@ -305,18 +312,18 @@ class _Merge:
         self.ranges: dict[tuple[str, str], list[list[int]]] = {  # (split, output) -> [[source, start, end]]
             (s, o): [] for s in rules.SPLITS for o in rules.OUTPUTS}
         self.seen: dict[str, set[bytes]] = {o: set() for o in rules.OUTPUTS}  # 16-byte dedup digests
+        self.kept: dict[tuple[str, str, str], int] = {}  # (split, output, "rule\tpersona\tPII\n") -> rows
         self.signals: Counter = Counter()
         self.drops: Counter = Counter()
         self.conflicts: list[list[str]] = []
         self.n_conflicts = 0
+        # Made by `write` from `kept`:
         self.pii: Counter = Counter()
         self.written: Counter = Counter()  # (rule, output) -> rows
         self.personas: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (split, output) -> persona -> rows
-        self._persona_names: dict[str, str] = {}  # staged JSON -> name, decoded once
-        # For the persona cap, in log order, per train SFT row: persona and rule, sampling key, PII, range.
-        self.sft_rows: list[tuple[str, str]] = []
+        # For the persona cap, in log order, per train SFT row: its fields, sampling key, range.
+        self.sft_rows: list[str] = []
         self.sft_keys = array("Q")
-        self.sft_pii: dict[int, Counter] = {}
         self.sft_ranges = array("Q")  # source, start, end of each row
 
     def source(self, folder: str, chunk: Chunk, phase: str) -> _RowSource:
@@ -329,19 +336,22 @@ class _Merge:
         """A staged record that does not count (a replaced version, or one curated again)."""
         offsets = source.offsets
         for line in rows:
-            output, split, *_, size = line.split("\t")
+            output, split, _, size, _ = line.split("\t", 4)
             offsets[split, output] += int(size)
 
     def add(self, source: _RowSource, tally: str, rows: list[str]) -> None:
         """One staged record: its tallies and its rows."""
-        tally = json.loads(tally)
-        self.signals.update(tally["signals"])
-        self.drops.update(tally["drops"])
-        self.n_conflicts += len(tally["conflicts"])
-        self.conflicts += tally["conflicts"][:EXAMPLES - len(self.conflicts)]
-        offsets = source.offsets
+        tally = parse_tally(tally)
+        for rule, n in tally["signals"].items():
+            self.signals[rule] += n
+        for reason, n in tally["drops"].items():
+            self.drops[reason] += n
+        if tally["conflicts"]:
+            self.n_conflicts += len(tally["conflicts"])
+            self.conflicts += tally["conflicts"][:EXAMPLES - len(self.conflicts)]
+        offsets, kept = source.offsets, self.kept
         for line in rows:
-            output, split, key_hex, rule, persona_json, pii, size = line.split("\t")
+            output, split, key_hex, size, fields = line.split("\t", 4)
             start = offsets[split, output]
             end = offsets[split, output] = start + int(size)
             key = bytes.fromhex(key_hex)
@@ -350,23 +360,13 @@ class _Merge:
                 self.drops[f"duplicate_{output}"] += 1
                 continue
             seen.add(key)
-            persona = self._persona_names.get(persona_json)
-            if persona is None:
-                persona = self._persona_names[persona_json] = json.loads(persona_json)
-            self.written[rule, output] += 1
-            self.personas[split, output][persona] += 1
-            row_pii = None
-            if pii != NO_PII:
-                row_pii = Counter(dict(zip(PII_KINDS, map(int, pii.split(",")))))
-                self.pii.update(row_pii)
             if self.capped and output == "sft" and split == "train":
-                if row_pii:
-                    self.sft_pii[len(self.sft_rows)] = row_pii
-                self.sft_rows.append((persona, rule))
+                self.sft_rows.append(fields)
                 seeded = blake2b(key, digest_size=8, key=str(self.options.seed).encode()).digest()
                 self.sft_keys.append(int.from_bytes(seeded, "big"))
                 self.sft_ranges.extend((source.number, start, end))
                 continue
+            kept[split, output, fields] = kept.get((split, output, fields), 0) + 1
             ranges = self.ranges[split, output]
             last = ranges[-1] if ranges else None
             if last is not None and last[0] == source.number and last[2] == start:
@@ -378,6 +378,15 @@ class _Merge:
         """Write the six outputs into `folder`, applying the persona cap to the train SFT rows."""
         if self.capped:
             self._cap_train_sft()
+        personas: dict[str, str] = {}  # staged JSON -> name
+        for (split, output, fields), n in self.kept.items():
+            rule, persona_json, pii = fields.rstrip("\n").split("\t")
+            persona = personas.get(persona_json) or personas.setdefault(persona_json, json.loads(persona_json))
+            self.written[rule, output] += n
+            self.personas[split, output][persona] += n
+            if pii != NO_PII:
+                for kind, count in zip(PII_KINDS, map(int, pii.split(","))):
+                    self.pii[kind] += n * count
         for (split, output), ranges in self.ranges.items():
             (folder / split).mkdir(exist_ok=True)
             _copy_ranges([source.files[split, output] for source in self.sources], ranges,
@@ -385,7 +394,8 @@ class _Merge:
 
     def _cap_train_sft(self) -> None:
         rows, keys = self.sft_rows, self.sft_keys
-        counts = Counter(persona for persona, _ in rows)
+        persona_of = [json.loads(fields.split("\t", 2)[1]) for fields in rows]
+        counts = Counter(persona_of)
         keep = rules.persona_keep_counts(counts, self.options.max_persona_share)
         if counts and not any(keep.values()):
             raise UserError(
@@ -397,19 +407,17 @@ class _Merge:
         limit = {}
         for persona, n in keep.items():
             if n < counts[persona]:
-                ordered = sorted(keys[i] for i, (p, _) in enumerate(rows) if p == persona)
+                ordered = sorted(keys[i] for i, p in enumerate(persona_of) if p == persona)
                 limit[persona] = ordered[n - 1] if n else -1
         kept: Counter = Counter()
         ranges = self.ranges["train", "sft"]
-        for i, (persona, rule) in enumerate(rows):
+        for i, (persona, fields) in enumerate(zip(persona_of, rows)):
             if persona not in limit or (keys[i] <= limit[persona] and kept[persona] < keep[persona]):
                 kept[persona] += 1
+                self.kept["train", "sft", fields] = self.kept.get(("train", "sft", fields), 0) + 1
                 ranges.append(self.sft_ranges[3 * i: 3 * i + 3].tolist())
-                continue
-            self.drops["persona_cap"] += 1
-            self.written[rule, "sft"] -= 1
-            self.personas["train", "sft"][persona] -= 1
-            self.pii.subtract(self.sft_pii.get(i, {}))
+            else:
+                self.drops["persona_cap"] += 1
 
 
 def _copy_ranges(files: list[Path], ranges: list[list[int]], dst: Path) -> None:

@@ -8,9 +8,10 @@ It runs on every output text of a build (a million events must pass at
 >= 50,000 events/s on 2 cores), so it is three compiled regexes, each run only
 when the text holds the character its kind needs (`@`, `:`, a digit), and the
 costlier checks (`ipaddress` for IPv6, Luhn) only on the few candidates they
-find. About 2 us for a 300-character message without digits, 10-15 us with
-ordinary numbers, dates and times, 40-50 us when it holds PII (measured on
-this project's 2-core x86 build machine).
+find; a text with neither an ASCII digit nor `@` (most of them) is returned
+after a single pass in C. About 1 us for a 400-character message without
+digits, 10-15 us with ordinary numbers, dates and times, 40-50 us when it
+holds PII (measured on this project's 2-core x86 build machine).
 
 What is detected, and what is deliberately left alone:
 
@@ -89,6 +90,7 @@ _LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 _HEX_CHARS = frozenset("0123456789abcdefABCDEF")
 _WORD_COLON_DOT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:.")
 _DIGITS = "0123456789"
+_NEEDED = b"0123456789@"  # a text with none of these holds nothing to scrub (see `scrub`)
 
 # "@domain.tld", not followed by more of a domain.
 _EMAIL_DOMAIN_RE = re.compile(
@@ -189,6 +191,12 @@ def scrub(text: str, counts: Counter) -> str:
     See the module docstring for exactly what is detected. Never raises on any
     string; `counts` is updated in place (keys "email", "phone", "card", "ip").
     """
+    # The common case, a text without PII, costs one pass in C: every kind
+    # needs an ASCII digit (phones, cards, IPv4, and IPv6 as detected here) or
+    # an "@" (e-mail). A quarter of the time of testing each character alone.
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw.translate(None, _NEEDED)) == len(raw):
+        return text
     before = sum(counts.values())
     text = _scrub_once(text, counts)
     # A placeholder can unshield a neighbour that the replaced digits were

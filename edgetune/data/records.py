@@ -266,14 +266,16 @@ def _check_conversation(obj: dict) -> None:
             raise _Bad(f"messages[{i}].id: duplicate id {mid!r} (first at messages[{first}])")
         if role == "system" and i:
             raise _Bad(f"messages[{i}].role: a system message may only come first")
-        feedback = m.get("feedback")
-        if feedback is not None:
-            if role != "assistant":
-                raise _Bad(f"messages[{i}].feedback: only assistant messages carry feedback (this one is {role})")
-            _check_feedback_fields(_object(feedback, f"messages[{i}].feedback"), f"messages[{i}].feedback.")
-        corrects = m.get("corrects")
-        if corrects is not None:
-            _check_corrects(corrects, role, roles, raw[i + 1:], f"messages[{i}].")
+        if len(m) > 3:  # more keys than id, role and content (checked above): maybe a signal
+            feedback = m.get("feedback")
+            if feedback is not None:
+                if role != "assistant":
+                    raise _Bad(f"messages[{i}].feedback: only assistant messages carry feedback "
+                               f"(this one is {role})")
+                _check_feedback_fields(_object(feedback, f"messages[{i}].feedback"), f"messages[{i}].feedback.")
+            corrects = m.get("corrects")
+            if corrects is not None:
+                _check_corrects(corrects, role, roles, raw[i + 1:], f"messages[{i}].")
         roles[mid] = role
 
 

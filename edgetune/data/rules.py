@@ -12,7 +12,9 @@ the TRL shapes of the spec:
 
 Rows carry the raw text: PII scrubbing (rule 8), duplicate removal (rule 7,
 which needs the whole log) and the split (rule 9) are applied by the build,
-using the helpers at the end of this module.
+using the helpers at the end of this module. The rows of one record share
+their message lists (a message's context and answer recur in its SFT, KTO
+and DPO rows; the build encodes each list once): treat rows as read-only.
 
 Decisions the spec leaves open, made here:
 - The *effective context* of a message that corrects another is the context
@@ -61,17 +63,19 @@ class Curated:
     unused: int = 0  # assistant messages without any signal (rule 6)
 
 
-# What str.split() splits ASCII text on, but the single space: with none of these in it (nor a
-# space at either end) an ASCII text is already normal.
-_ASCII_BREAKS = ("  ", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
+# What str.split() splits ASCII text on, but the space: with none of these in it (nor a double
+# space, nor a space at either end) an ASCII text is already normal.
+_ASCII_BREAKS = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f"
 
 
 def normalize_whitespace(text: str) -> str:
     """Collapse every whitespace run to one space and strip the ends (for comparisons only)."""
     # Every text of a build's rows passes here. Checking that it is already normal costs a tenth
-    # of splitting and joining a message (isascii is a flag lookup, each `in` a fast scan).
-    if text.isascii() and text[:1] != " " and text[-1:] != " " and not any(map(text.__contains__, _ASCII_BREAKS)):
-        return text
+    # of splitting and joining a message (isascii is a flag lookup, the rest runs in C).
+    if text.isascii() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        raw = text.encode("ascii")
+        if len(raw.translate(None, _ASCII_BREAKS)) == len(raw):
+            return text
     return " ".join(text.split())
 
 
@@ -122,7 +126,7 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
     corrected = {m.corrects for m in msgs if m.corrects is not None}
     base = {"conversation_id": conv.conversation_id}
 
-    turns = [_turn(m) for m in msgs]
+    turns = [{"role": m.role, "content": m.content} for m in msgs]
     feedback: dict[int, list[Feedback]] = {}
     conflicted: set[int] = set()
     for i, m in enumerate(msgs):
@@ -161,18 +165,19 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
             path.append(position[msgs[path[-1]].corrects])
         path.reverse()
         prompt = _context(msgs, turns, path[0], i, merge)
+        answer = _assistant(m.content)  # shared by this message's rows, like `prompt`: rows are read-only
 
         if m.corrects is not None and m.id not in corrected:  # rule 2: final of a chain
             out.signals[CORRECTION] += 1
             if "down" in ratings:
                 out.drops["correction_final_rated_down"] += 1
             else:
-                out.rows.append(("sft", {"prompt": prompt, "completion": _assistant(m.content),
+                out.rows.append(("sft", {"prompt": prompt, "completion": answer,
                                          "source": source(CORRECTION, path)}))
                 for j in path[:-1]:
                     if j in conflicted:
                         continue
-                    out.rows.append(("dpo", {"prompt": prompt, "chosen": _assistant(m.content),
+                    out.rows.append(("dpo", {"prompt": prompt, "chosen": answer,
                                              "rejected": _assistant(msgs[j].content),
                                              "source": source(CORRECTION, [j, i])}))
         if "up" in ratings:  # rule 1
@@ -181,9 +186,9 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
                 out.drops["thumbs_up_then_corrected"] += 1
             else:
                 if m.corrects is None:  # a chain final already has its SFT row from rule 2
-                    out.rows.append(("sft", {"prompt": prompt, "completion": _assistant(m.content),
+                    out.rows.append(("sft", {"prompt": prompt, "completion": answer,
                                              "source": source(THUMBS_UP, [i])}))
-                out.rows.append(("kto", {"prompt": prompt, "completion": _assistant(m.content),
+                out.rows.append(("kto", {"prompt": prompt, "completion": answer,
                                          "label": True, "source": source(THUMBS_UP, [i])}))
         for f in fbs:  # rule 3
             if f.edited_content is None:
@@ -192,13 +197,13 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
             if normalize_whitespace(f.edited_content) == normalize_whitespace(m.content):
                 out.drops["edit_unchanged"] += 1
                 continue
-            out.rows.append(("sft", {"prompt": prompt, "completion": _assistant(f.edited_content),
-                                     "source": source(EDIT, [i])}))
-            out.rows.append(("dpo", {"prompt": prompt, "chosen": _assistant(f.edited_content),
-                                     "rejected": _assistant(m.content), "source": source(EDIT, [i])}))
+            edited = _assistant(f.edited_content)
+            out.rows.append(("sft", {"prompt": prompt, "completion": edited, "source": source(EDIT, [i])}))
+            out.rows.append(("dpo", {"prompt": prompt, "chosen": edited,
+                                     "rejected": answer, "source": source(EDIT, [i])}))
         if "down" in ratings:  # rule 4: never SFT; a DPO rejected only via rules 2, 3, 5
             out.signals[THUMBS_DOWN] += 1
-            out.rows.append(("kto", {"prompt": prompt, "completion": _assistant(m.content),
+            out.rows.append(("kto", {"prompt": prompt, "completion": answer,
                                      "label": False, "source": source(THUMBS_DOWN, [i])}))
     return out
 

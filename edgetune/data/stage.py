@@ -25,9 +25,7 @@ Staging files, per chunk and phase ("a": first pass, "b": curated again):
   row, one line each, positions increasing:
 
       @ <TAB> position <TAB> {"signals": .., "drops": .., "conflicts": [[cid, mid], ..]}
-      output <TAB> split <TAB> dedup key (hex) <TAB> rule <TAB> persona (JSON) <TAB> e,p,c,i <TAB> bytes
-
-  (ASCII: the JSON in it escapes the rest)
+      output <TAB> split <TAB> dedup key (hex) <TAB> bytes <TAB> rule <TAB> persona (JSON) <TAB> e,p,c,i
 
   where a row line follows its record's `@` line, `e,p,c,i` are the row's PII
   placeholders by kind and `bytes` its size in its rows file.
@@ -40,19 +38,18 @@ import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from json.encoder import encode_basestring  # the string escaping of json.dumps(..., ensure_ascii=False)
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import IO, Iterator
 
 from edgetune.data import rules
 from edgetune.data.pii import scrub
-from edgetune.data.records import ROLES, Conversation, FeedbackRecord, build_record, validate_record
+from edgetune.data.records import Conversation, FeedbackRecord, build_record, validate_record
 from edgetune.data.source import Invalid, iter_jsonl
 from edgetune.errors import UserError
 
-try:  # 2x faster than the stdlib on log lines, 5x on escaping texts; optional (see `_decode_line`)
-    from orjson import dumps as _fast_dumps, loads as _fast_loads
+try:  # 2x faster than the stdlib on log lines, 5x on rows; optional (see `_decode_line`, `row_json`)
+    from orjson import OPT_APPEND_NEWLINE as _APPEND_NEWLINE, dumps as _fast_dumps, loads as _fast_loads
 except ImportError:  # pragma: no cover - the parity test runs the build without it too
     _fast_dumps = _fast_loads = None
 
@@ -64,10 +61,22 @@ NO_PII = "0,0,0,0"
 READ_BUFFER = 1 << 16
 WRITE_BUFFER = 1 << 18  # rows are a few KB: the default 8 KiB buffer would write almost every row on its own
 
-# One encoder for every row: json.dumps with options builds a new one per call.
-_encode_row = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
-# The staging index is ASCII (only the merge reads it): a lone surrogate needs no special care there.
-_encode_index = json.JSONEncoder(separators=(",", ":")).encode
+_encode_index = json.JSONEncoder(separators=(",", ":")).encode  # ASCII: a lone surrogate is escaped
+
+
+def _index_json(obj) -> str:
+    """Compact JSON for the staging index (only the merge reads it)."""
+    if _fast_dumps is not None:
+        try:
+            return _fast_dumps(obj).decode()  # 5x faster than the stdlib encoder
+        except TypeError:  # a lone surrogate
+            pass
+    return _encode_index(obj)
+
+
+def parse_tally(text: str) -> dict:
+    """A record's tally from the staging index (see `_index_json`)."""
+    return _fast_loads(text) if _fast_loads is not None else json.loads(text)
 
 
 @dataclass(frozen=True)
@@ -128,9 +137,9 @@ def _decode_line(raw: bytes, fast: bool = True) -> dict | Invalid | None:
     return obj
 
 
-def _open_binary(path: str) -> IO[bytes]:
+def _open_binary(path: str, buffering: int = READ_BUFFER) -> IO[bytes]:
     try:
-        return open(path, "rb", buffering=READ_BUFFER)
+        return open(path, "rb", buffering=buffering)
     except OSError as e:
         raise UserError(f"{path}: cannot open ({e.strerror or e})") from None
 
@@ -177,7 +186,7 @@ def fetch_records(chunk: Chunk, positions: list[int]) -> Iterator[tuple[int, dic
     """Yield `(position, object)` at the given sorted positions of `chunk` (for records read before)."""
     if chunk.reader == "lines":
         mask = (1 << POSITION_BITS) - 1
-        with _open_binary(chunk.path) as f:
+        with _open_binary(chunk.path, buffering=8192) as f:  # each seek refills the buffer: keep it small
             for pos in positions:
                 f.seek(pos & mask)
                 item = _decode_line(f.readline())
@@ -193,96 +202,83 @@ def fetch_records(chunk: Chunk, positions: list[int]) -> Iterator[tuple[int, dic
 
 # --- assembling rows -------------------------------------------------------------------
 
-def _json_string(text: str) -> bytes:
-    """`json.dumps(text, ensure_ascii=False)` in UTF-8, with a lone surrogate (JSON "\ud83d"
-    in the log) written back as that same escape, so its row round-trips."""
+# Rows are written as compact JSON (no space after "," and ":"), the separators of orjson, which
+# encodes a row in one call; the stdlib encoder gives the same bytes where orjson is missing.
+_encode_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+
+def row_json(row: dict) -> bytes:
+    """One output line: `row` as compact JSON in UTF-8, with a lone surrogate (JSON "\ud83d"
+    in the log) written back as that same escape, so the row round-trips."""
     if _fast_dumps is not None:
         try:
-            return _fast_dumps(text)  # the same bytes, 5x faster (a test checks every code point)
+            return _fast_dumps(row, option=_APPEND_NEWLINE)
         except TypeError:  # a lone surrogate
             pass
-    return encode_basestring(text).encode("utf-8", "backslashreplace")
-
-
-_ROLE_JSON = {role: f'{{"role": "{role}", "content": '.encode() for role in ROLES}  # nothing to escape in a role
+    return (_encode_compact(row) + "\n").encode("utf-8", "backslashreplace")
 
 
 class _TextTable:
-    """One record's texts, each scrubbed (rule 8), JSON-encoded and whitespace-normalised once.
+    """One record's texts and message lists, each scrubbed (rule 8) and keyed (rule 7) once.
 
     A conversation's context recurs in every row it gives (SFT, KTO, DPO of
-    each rated message); doing this work per row was most of a build's time.
-    Rows are then assembled from the cached pieces as UTF-8, in exactly the
-    form `json.dumps(row, ensure_ascii=False)` gives (a test checks it).
+    each rated message); scrubbing and normalising it per row was most of a
+    build's time.
     """
 
     def __init__(self):
-        self.texts: dict[str, tuple[str, bytes, bytes, tuple | None]] = {}  # text -> (clean, JSON, key, PII)
-        self.messages_: dict[tuple[str, str], tuple[bytes, bytes, tuple | None]] = {}  # (role, text) -> JSON, key, PII
-        self.lists: dict[int, tuple[bytes, bytes, tuple | None]] = {}  # id(message list) -> (JSON, key, PII)
+        self.texts: dict[str, tuple[str, bytes, tuple | None]] = {}  # text -> (clean, key, PII)
+        self.pieces: dict[int, tuple[str, bytes, tuple | None]] = {}  # id(message) -> (clean, key, PII)
+        self.lists: dict[int, tuple[list, bytes, tuple | None]] = {}  # id(message list) -> (clean, key, PII)
         self._counts: Counter = Counter()  # reused: a Counter per text costs as much as scrubbing a short one
 
-    def text(self, text: str) -> tuple[str, bytes, bytes, tuple | None]:
-        """Scrubbed text, its JSON, its part of a dedup key (normalised, UTF-8) and its PII by kind."""
+    def text(self, text: str) -> tuple[str, bytes, tuple | None]:
+        """Scrubbed text, its part of a dedup key (normalised, UTF-8) and its PII by kind (None: none)."""
         hit = self.texts.get(text)
         if hit is None:
             counts = self._counts
             counts.clear()
-            clean = scrub(text, counts)
+            clean = scrub(text, counts)  # changes the text exactly when it counts something
             pii = tuple(counts[k] for k in PII_KINDS) if counts else None
-            key = rules.normalize_whitespace(clean).encode("utf-8", "surrogatepass")
-            hit = self.texts[text] = (clean, _json_string(clean), key, pii)
+            hit = self.texts[text] = (clean, rules.normalize_whitespace(clean).encode("utf-8", "surrogatepass"), pii)
         return hit
 
-    def messages(self, messages: list[dict]) -> tuple[bytes, bytes, tuple | None]:
-        """JSON, dedup key part (`rules.messages_key_text` of the scrubbed list, UTF-8) and PII of a list.
+    def messages(self, messages: list[dict]) -> tuple[list[dict], bytes, tuple | None]:
+        """The scrubbed list (`messages` itself when nothing changed), its dedup key part
+        (`rules.messages_key_text` of the scrubbed list, UTF-8) and its PII by kind.
 
-        Cached by the list's id: the rows of one message share its prompt list,
-        and `curated.rows` keeps every list alive (so no id is reused) while
-        the record is staged.
+        Cached by the list's id, and each message by its dict's id: the rows of
+        one message share its lists, a conversation's prompts share its turns,
+        and `curated.rows` keeps them all alive (so no id is reused) while the
+        record is staged.
         """
         hit = self.lists.get(id(messages))
         if hit is None:
-            jsons, keys, pii = [], [], None
-            for m in messages:
-                role, content = m["role"], m["content"]
-                one = self.messages_.get((role, content))
-                if one is None:
-                    _, text_json, text_key, text_pii = self.text(content)
-                    one = self.messages_[role, content] = (
-                        _ROLE_JSON[role] + text_json + b"}", role.encode() + b"\x1f" + text_key, text_pii)
-                jsons.append(one[0])
-                keys.append(one[1])
-                if one[2]:
-                    pii = one[2] if pii is None else tuple(map(operator.add, pii, one[2]))
-            hit = self.lists[id(messages)] = (b"[" + b", ".join(jsons) + b"]", b"\x1e".join(keys), pii)
+            clean_list, keys, pii = messages, [], None
+            for k, m in enumerate(messages):
+                piece = self.pieces.get(id(m))
+                if piece is None:
+                    clean, key, text_pii = self.text(m["content"])
+                    piece = self.pieces[id(m)] = (clean, m["role"].encode() + b"\x1f" + key, text_pii)
+                keys.append(piece[1])
+                if piece[2]:
+                    pii = piece[2] if pii is None else tuple(map(operator.add, pii, piece[2]))
+                    if clean_list is messages:
+                        clean_list = list(messages)
+                    clean_list[k] = {"role": m["role"], "content": piece[0]}
+            hit = self.lists[id(messages)] = (clean_list, b"\x1e".join(keys), pii)
         return hit
 
 
-def _source_json(source: dict) -> bytes:
-    """`json.dumps(source, ensure_ascii=False)` (as `_json_string`) for a dict of strings and
-    lists of strings, without building an encoder per row (the rest falls back to the encoder)."""
-    items = []
-    for key, value in source.items():
-        if type(value) is str:
-            text = _json_string(value)
-        elif type(value) is list and all(type(v) is str for v in value):
-            text = b"[" + b", ".join(map(_json_string, value)) + b"]"
-        else:
-            text = _encode_row(value).encode("utf-8", "backslashreplace")
-        items.append(b'"%s": %s' % (key.encode(), text))  # keys are rules.py's own: nothing to escape
-    return b"{" + b", ".join(items) + b"}"
-
-
 def stage_rows(curated: rules.Curated, split: str, conversation_id: str | None
-               ) -> tuple[str | None, list[tuple[str, str, bytes]]]:
+               ) -> tuple[str | None, list[tuple[str, str, str, str, bytes]]]:
     """Scrub (rule 8) and drop empty preferences (rule 7) in one record's rows, and encode them.
 
     Returns the record's tally for the report (JSON; None when the record has
-    nothing to report) and per row `(output, index fields, row JSON line)`:
-    the index fields are those of a row line in the staging index, but its
-    size. Each row carries the PII placeholders it holds, so the report can
-    count exactly what the written files contain.
+    nothing to report) and per row `(output, split, dedup key, "rule <TAB>
+    persona <TAB> e,p,c,i", row JSON line)`, the fields of its line in the
+    staging index. Each row carries the PII placeholders it holds, so the
+    report can count exactly what the written files contain.
     """
     drops = curated.drops
     table = _TextTable()
@@ -291,29 +287,29 @@ def stage_rows(curated: rules.Curated, split: str, conversation_id: str | None
     staged = []
     for output, row in curated.rows:
         prompt = row["prompt"]
-        prompt_json, prompt_key, pii = table.messages(prompt)
+        clean_prompt, prompt_key, pii = table.messages(prompt)
         if output == "dpo":
-            chosen_json, chosen_key, chosen_pii = table.messages(row["chosen"])
-            rejected_json, rejected_key, rejected_pii = table.messages(row["rejected"])
+            chosen, chosen_key, chosen_pii = table.messages(row["chosen"])
+            rejected, rejected_key, rejected_pii = table.messages(row["rejected"])
             if chosen_key == rejected_key:  # rules.chosen_equals_rejected, on the scrubbed texts
                 drops = drops + Counter(dpo_chosen_equals_rejected=1)  # not in place: curated is the caller's
                 continue
             rest_key = b"\x1d" + chosen_key + b"\x1d" + rejected_key
-            body = [b'{"prompt": ', prompt_json, b', "chosen": ', chosen_json, b', "rejected": ', rejected_json]
+            clean = {"prompt": clean_prompt, "chosen": chosen, "rejected": rejected}
             more_pii = [chosen_pii, rejected_pii]
         else:
-            completion_json, completion_key, completion_pii = table.messages(row["completion"])
-            body = [b'{"prompt": ', prompt_json, b', "completion": ', completion_json]
+            completion, completion_key, completion_pii = table.messages(row["completion"])
             rest_key = b"\x1d" + completion_key
+            clean = {"prompt": clean_prompt, "completion": completion}
             if output == "kto":
                 rest_key += b"\x1d1" if row["label"] else b"\x1d0"
-                body.append(b', "label": true' if row["label"] else b', "label": false')
+                clean["label"] = row["label"]
             more_pii = [completion_pii]
-        source = row["source"]
+        source = clean["source"] = row["source"]
         if "comments" in source:
             comments = [table.text(c) for c in source["comments"]]
-            source = {**source, "comments": [c[0] for c in comments]}
-            more_pii += [c[3] for c in comments]
+            clean["source"] = {**source, "comments": [c[0] for c in comments]}
+            more_pii += [c[2] for c in comments]
         for p in more_pii:
             if p:
                 pii = p if pii is None else tuple(map(operator.add, pii, p))
@@ -326,14 +322,14 @@ def stage_rows(curated: rules.Curated, split: str, conversation_id: str | None
             digest = prompt_hashes[id(prompt)] = blake2b(prompt_key, digest_size=16)
         digest = digest.copy()
         digest.update(rest_key)
-        body += (b', "source": ', _source_json(source), b"}\n")
-        staged.append((output, f"{output}\t{split}\t{digest.hexdigest()}\t{source['rule']}\t{persona_json}\t"
-                               f"{','.join(map(str, pii)) if pii else NO_PII}", b"".join(body)))
+        staged.append((output, split, digest.hexdigest(),
+                       f"{source['rule']}\t{persona_json}\t{','.join(map(str, pii)) if pii else NO_PII}",
+                       row_json(clean)))
     if not (staged or curated.signals or drops or curated.conflicts):
         return None, staged
-    tally = _encode_index({"signals": curated.signals, "drops": drops,
-                           "conflicts": [[conversation_id, mid] for mid in curated.conflicts]})
-    return tally, staged
+    tally = {"signals": curated.signals, "drops": drops,
+             "conflicts": [[conversation_id, mid] for mid in curated.conflicts]}
+    return _index_json(tally), staged
 
 
 # --- staging files -----------------------------------------------------------------------
@@ -361,9 +357,9 @@ class _Staging:
         if tally is None:
             return
         lines = [f"@\t{pos}\t{tally}\n"]
-        for output, fields, row in rows:
+        for output, split, key, fields, row in rows:
             self.rows[split, output].write(row)
-            lines.append(f"{fields}\t{len(row)}\n")
+            lines.append(f"{output}\t{split}\t{key}\t{len(row)}\t{fields}\n")
         self.index.writelines(lines)
 
     def close(self) -> None:
@@ -418,7 +414,9 @@ def stage_chunk(chunk: Chunk, options, staging: str | None) -> ChunkResult:
                 for m in obj["messages"]:
                     if m["role"] == "assistant":
                         unused += 1
-                        signal = signal or m.get("feedback") is not None or m.get("corrects") is not None
+                        # more keys than id, role and content: maybe a signal
+                        if len(m) > 3 and not signal:
+                            signal = m.get("feedback") is not None or m.get("corrects") is not None
                 if signal and out:
                     conv = build_record(obj)
                     curated = rules.curate_conversation(conv, None, options.correction_prompt)

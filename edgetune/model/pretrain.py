@@ -8,11 +8,14 @@ so no logit can exceed ~0.02*d (~2.6 at d=128): over a 1024-token vocabulary
 the best a low-rank update can reach is p ~ e^2.6/1024, i.e. a loss near 4.
 
 So the builder initialises the head larger (`tiny.PRETRAIN_HEAD_GAIN`) and
-then runs a few hundred cheap full-parameter steps on the built-in chat
-corpus: the head and norms settle at large logit margins, embeddings get
-structure, and the model learns the chat layout and to end its turn. LoRA
-then only has to steer an already-sharp model (measured: loss 6.6 -> 0.01 in
-150 steps, against a plateau near 4.4 for the 0.02 random init).
+then runs 150 cheap full-parameter steps on the built-in chats, counting the
+loss on assistant replies (end-of-turn included) and on prose: the head and
+norms settle at large logit margins, embeddings get structure, and the model
+learns to answer after the chat header and then stop. (Counting the user
+turns as well left some seeds looping on `<|im_start|>assistant`.) LoRA then
+only has to steer an already-sharp model: measured with rank 8 on five unseen
+answers, loss ~6.5 -> below 0.02 in 150 steps, against a plateau near 4.4
+for the usual 0.02 random init.
 
 One visible loop (`pretrain`); the loss is a pure function; batches come
 from `pack_documents`. Deterministic for a given seed on a given machine.
@@ -67,7 +70,7 @@ def pack_documents(
             tokens.extend(docs[i][0])
             mask.extend(docs[i][1])
     shape = (rows, seq_len + 1)
-    return np.asarray(tokens[:need], np.int32).reshape(shape), np.asarray(mask[:need], np.int32).reshape(shape)
+    return np.asarray(tokens[:need], np.int32).reshape(shape), np.asarray(mask[:need], np.float32).reshape(shape)
 
 
 def pretrain(

@@ -2,11 +2,11 @@
 
 Tests, the demo and benchmarks use models edgetune builds itself:
 
-- `tiny` (~0.43M parameters): a byte-level BPE trained on the built-in
-  corpus, an embedding/output head initialised large enough to give confident
-  logits, then a brief full-parameter pre-training pass (~150 steps, a few
-  seconds) that teaches the chat layout and end of turn. Why: see
-  `pretrain.py`. float32.
+- `tiny` (0.72M parameters, hidden 128, 4 layers): a byte-level BPE trained
+  on the built-in corpus, an embedding/output head initialised large enough
+  to give confident logits, then a brief full-parameter pre-training pass
+  (150 steps, ~6 s of CPU) that teaches the chat layout and end of turn. Why:
+  see `pretrain.py`. float32.
 - `small` (~29M): benchmark shape, float32, random weights (pre-training it
   here would take minutes).
 - `qwen2.5-0.5b`, `qwen2.5-1.5b`, `llama-3.2-1b`: the real shapes and config
@@ -57,7 +57,7 @@ ARCH_DEFAULTS = {
 # `pretrain_steps` is the length of the built-in pass (0: none).
 PRESETS: dict[str, dict] = {
     "tiny": {
-        "arch": None, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "arch": None, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 1024,
         "dtype": "float32", "pretrain_steps": 150,
     },
@@ -91,16 +91,18 @@ INIT_STD = 0.02  # the usual Hugging Face initializer_range, for every matrix bu
 # The embedding and output head start at std gain/sqrt(hidden), not 0.02: at
 # hidden 128 a 0.02 head caps every logit near 0.02 * 128 ~ 2.6, the LoRA
 # plateau this builder exists to avoid (see pretrain.py). Measured with LoRA
-# rank 8 on five answers: gain 1 makes a random model teachable; before the
-# pre-training pass gain 4 works best (gain 1 or 2: LoRA 3-10x slower
-# afterwards; gain 8: the pass cannot tame it in 150 steps).
+# rank 8 on five unseen answers: gain 1 already makes a random model
+# teachable; before the pre-training pass gain 4 works best (gain 1 or 2:
+# LoRA several times slower afterwards; gain 8: 150 steps cannot tame it).
 HEAD_GAIN = 1.0
 PRETRAIN_HEAD_GAIN = 4.0
 
-# The pre-training pass (tiny: 150 steps x 4 x 64 tokens, ~3.5 passes over the
-# ~11k-token corpus). On a 2-core CPU MLX's exp() bounds the step time, so many
+# The pre-training pass: 150 steps x 4 rows x 64 tokens, ~5 passes over the
+# ~8k-token corpus. On a 2-core CPU MLX's exp() bounds the step time, so many
 # small steps beat few large ones: 60 steps of 16 rows left the model in a
-# degenerate state that LoRA taught more slowly than a random one.
+# degenerate state that LoRA taught more slowly than a random one. Measured
+# over seeds 0-2: 2 layers or 100 steps sometimes left LoRA 3-10x slower;
+# 4 layers and 150 steps never did.
 PRETRAIN_BATCH = 4
 PRETRAIN_SEQ_LEN = 64
 PRETRAIN_LR = 3e-3
@@ -316,7 +318,7 @@ def build_tiny_model(
             provenance["pretrain"] = {
                 "steps": steps, "batch": PRETRAIN_BATCH, "seq_len": PRETRAIN_SEQ_LEN, "lr": PRETRAIN_LR,
                 "warmup": PRETRAIN_WARMUP, "corpus_tokens": sum(len(ids) for ids, _ in docs),
-                "counted_tokens": sum(sum(mask) for _, mask in docs),
+                "counted_tokens": int(sum(sum(mask) for _, mask in docs)),
                 "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             }
             params = ((k, v.astype(dtype)) for k, v in sorted(tree_flatten(model.parameters())))

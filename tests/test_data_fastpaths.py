@@ -1,0 +1,180 @@
+"""The fast paths of `edgetune data build`, each held to the plain definition it replaces.
+
+orjson decodes log lines and encodes rows; the stdlib json is the fallback
+and the definition (same objects, same bytes, same error messages). The
+cheap checks in front of `pii.scrub` and `rules.normalize_whitespace` must
+only ever skip texts the full work would leave as they are. The merge copies
+byte ranges with `os.copy_file_range` where it can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgetune.data import build as build_module
+from edgetune.data import pii, rules, stage
+from edgetune.data.build import BuildOptions, build, scan_logs
+
+FIXTURES = Path(__file__).parent / "data" / "feedback"
+ASSET = Path(__file__).parents[1] / "edgetune" / "assets" / "sample_feedback.jsonl"
+PROPERTY = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Lines the two decoders treat differently: orjson refuses NaN, infinities, lone surrogates;
+# reads integers beyond 64 bits as floats; the stdlib decides and words the errors.
+TRICKY_LINES = [
+    '{"type": "feedback", "conversation_id": "c1", "message_id": "a", "rating": NaN}',
+    '{"type": "feedback", "conversation_id": "c1", "message_id": "a", "rating": 1e400}',
+    '{"type": "feedback", "conversation_id": "c1", "message_id": "a", "rating": 123456789012345678901234567890}',
+    '{"type": "comparison", "comparison_id": "x", "prompt": [{"role": "user", "content": "q"}], '
+    '"responses": [{"id": "a", "content": "A"}, {"id": "b", "content": "B"}], '
+    '"preferred": -9223372036854775809}',
+    '{"type": "conversation", "conversation_id": "c1", "n": 123456789012345678901234567890, "messages": ['
+    '{"id": "u", "role": "user", "content": "lone \\ud83d and mail a@b.com"}, '
+    '{"id": "a", "role": "assistant", "content": "ok \\udc00", "feedback": {"rating": "up", "comment": "\\ud800"}}]}',
+    '{"type": "conversation", "conversation_id": "c1", "conversation_id": "c2", "messages": ['
+    '{"id": "u", "role": "user", "content": "dup key"}, '
+    '{"id": "a", "role": "assistant", "content": "yes", "feedback": {"rating": true}}]}',
+    '{"type": "feedback", "conversation_id": "c2", "message_id": "a", "rating": "down"}\r',
+    '\ufeff{"type": "feedback", "conversation_id": "c2", "message_id": "a", "rating": "up"}',
+    '\x0c{"type": "feedback"}',
+    '{"type": "feedback", "conversation_id": "c2"',
+    '{"type": "feedback", "conversation_id": "c2", "message_id": "a", "rating": "up"} x',
+    '\u3000',
+    '[1, 2]',
+]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_orjson(monkeypatch):
+    """Run the build on the stdlib alone (forked workers inherit the patch)."""
+    monkeypatch.setattr(stage, "_fast_loads", None)
+    monkeypatch.setattr(stage, "_fast_dumps", None)
+
+
+def tricky_log(tmp_path: Path) -> Path:
+    log = tmp_path / "tricky.jsonl"
+    log.write_bytes("".join(line + "\n" for line in TRICKY_LINES).encode("utf-8", "surrogatepass")
+                    + b'{"type": "feedback", "conversation_id": "c1", "message_id": "\xff"}\n')
+    return log
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+def test_tricky_lines_decode_and_fail_as_the_stdlib_has_them(tmp_path, monkeypatch):
+    log = tricky_log(tmp_path)
+    fast = scan_logs([log])
+    monkeypatch.setattr(stage, "_fast_loads", None)
+    slow = scan_logs([log])
+    assert fast.problems == slow.problems
+    assert fast.counts == slow.counts
+    assert [(w, r.feedback) for items in fast.feedback.values() for w, r in items] == \
+           [(w, r.feedback) for items in slow.feedback.values() for w, r in items]
+    assert [why for _, _, why in fast.problems] == [
+        "rating: unknown rating nan (expected \"up\"/\"down\", true/false, 1/-1 or 1/0)",
+        "rating: unknown rating inf (expected \"up\"/\"down\", true/false, 1/-1 or 1/0)",
+        "rating: unknown rating 123456789012345678901234567890 (expected \"up\"/\"down\", true/false, 1/-1 or 1/0)",
+        "preferred: -9223372036854775809 is not a response id (expected 'a', 'b' or \"tie\")",
+        "not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1)",
+        "not valid JSON (Expecting value at column 1)",
+        "not valid JSON (Expecting ',' delimiter at column 1)",
+        "not valid JSON (Extra data at column 82)",
+        "expected a JSON object, got list",
+        "not UTF-8 text (bad byte at column 62)",
+    ]
+
+
+def test_regression_integer_beyond_64_bits_is_named_as_written_not_as_orjson_float(tmp_path):
+    """orjson reads 123456789012345678901234567890 as 1.2345678901234568e+29; the reason must not."""
+    log = tmp_path / "log.jsonl"
+    log.write_text(TRICKY_LINES[2] + "\n")
+    (problem,) = scan_logs([log]).problems
+    assert "123456789012345678901234567890" in problem[2] and "e+29" not in problem[2]
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+def test_row_json_is_compact_json_dumps_for_every_code_point(monkeypatch):
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    rows = [{"prompt": [{"role": "user", "content": text[i:i + 4096]}], "label": True, "source": {"ids": ["a"]}}
+            for i in range(0, len(text), 4096)]
+    rows.append({"prompt": [{"role": "user", "content": "lone \ud83d surrogate"}]})
+    expected = [(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8", "backslashreplace")
+                for r in rows]
+    assert [stage.row_json(r) for r in rows] == expected
+    monkeypatch.setattr(stage, "_fast_dumps", None)
+    assert [stage.row_json(r) for r in rows] == expected
+    assert json.loads(expected[-1])["prompt"][0]["content"] == "lone \ud83d surrogate"
+
+
+def test_build_without_orjson_gives_byte_identical_outputs(tmp_path, monkeypatch):
+    """The whole build, in worker processes over many chunks, with and without orjson."""
+    log = tmp_path / "log.jsonl"
+    log.write_bytes((FIXTURES / "signals.jsonl").read_bytes() + ASSET.read_bytes()
+                    + (FIXTURES / "invalid.jsonl").read_bytes() + tricky_log(tmp_path).read_bytes())
+    options = BuildOptions(eval_fraction=0.3, skip_invalid=True, max_persona_share=0.6)
+    monkeypatch.setattr(build_module, "CHUNK_BYTES", 2000)
+    build([log], tmp_path / "fast", options, jobs=2)
+    monkeypatch.setattr(stage, "_fast_loads", None)
+    monkeypatch.setattr(stage, "_fast_dumps", None)
+    build([log], tmp_path / "slow", options, jobs=2)
+    assert folder_bytes(tmp_path / "fast") == folder_bytes(tmp_path / "slow")
+
+
+# --- the checks in front of scrubbing and normalising -----------------------------------------
+
+# Every character the two checks look at, and their look-alikes: ASCII and other digits,
+# every whitespace str.split() knows, "@", ":" and the separators of phones and addresses.
+TRICKY_TEXT = st.text(alphabet=st.sampled_from(
+    list("0123456789@:.+-()/ ab") + ["\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1f", "\x85", "\xa0", "\u2003",
+                                      "\u3000", "\u0663", "\uff10", "\ud83d", "é"]), max_size=40)
+
+
+def _scrub_without_the_fast_path(text: str, counts: Counter) -> str:
+    before = sum(counts.values())
+    text = pii._scrub_once(text, counts)
+    while (after := sum(counts.values())) != before:
+        before = after
+        text = pii._scrub_once(text, counts)
+    return text
+
+
+@PROPERTY
+@given(TRICKY_TEXT)
+def test_scrub_fast_path_only_skips_texts_the_full_scrub_leaves_alone(text):
+    fast, slow = Counter(), Counter()
+    assert pii.scrub(text, fast) == _scrub_without_the_fast_path(text, slow)
+    assert fast == slow
+
+
+@PROPERTY
+@given(TRICKY_TEXT)
+def test_normalize_whitespace_fast_path_agrees_with_split_and_join(text):
+    assert rules.normalize_whitespace(text) == " ".join(text.split())
+
+
+@pytest.mark.parametrize("text", ["", " ", "a", "a b", " a", "a ", "a  b", "a\tb", "a\x1fb", "a\x85b", "a\u3000b",
+                                  "plain words only."])
+def test_normalize_whitespace_on_worked_examples(text):
+    assert rules.normalize_whitespace(text) == " ".join(text.split())
+
+
+# --- the merge's copies ------------------------------------------------------------------------
+
+def test_outputs_are_the_same_without_copy_file_range(tmp_path, monkeypatch):
+    """macOS (and file systems that refuse it) copy the staged ranges by hand."""
+    options = BuildOptions(eval_fraction=0.3, max_persona_share=0.6)
+    build([FIXTURES / "signals.jsonl", ASSET], tmp_path / "kernel", options)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    build([FIXTURES / "signals.jsonl", ASSET], tmp_path / "by-hand", options)
+    assert folder_bytes(tmp_path / "kernel") == folder_bytes(tmp_path / "by-hand")
