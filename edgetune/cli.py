@@ -42,10 +42,12 @@ def _register() -> None:
 
     main.add_command(model)
 
-    from edgetune.train_cli import demo, sft
+    from edgetune.train_cli import demo, dpo, kto, orpo, sft
 
     main.add_command(sft)
     main.add_command(demo)
+    for command in (dpo, kto, orpo):
+        main.add_command(command)
 
     from edgetune.recipe import recipe
 

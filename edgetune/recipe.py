@@ -121,17 +121,67 @@ class SftConfig:
                                     check=_at_least(1))
     log_every: int = _opt(10, "log training metrics every N steps", check=_at_least(1))
 
+    section = "sft"  # the recipe key of this section, for messages (a class attribute, not a key)
+
     def cross_check(self) -> list[tuple[str, str]]:
+        s = self.section
         if (self.steps is None) == (self.epochs is None):
             how = "both are set" if self.steps is not None else "neither is set"
-            return [("sft.steps", f"set exactly one of sft.steps and sft.epochs ({how}; "
-                                  "to switch with --set, also set the other to null)")]
+            return [(f"{s}.steps", f"set exactly one of {s}.steps and {s}.epochs ({how}; "
+                                   "to switch with --set, also set the other to null)")]
         return []
+
+
+# Preference stages reuse every SFT training key (LoRA, batching, schedule, checkpoints, guards)
+# and add their own; a batch holds `batch_size` pairs (DPO, ORPO) or completions (KTO).
+
+@dataclass
+class _PreferenceConfig(SftConfig):
+    beta: float = _opt(0.1, "strength of the preference term (DPO/KTO: how far from the reference the "
+                            "policy may move; ORPO: the paper's lambda)", check=_positive)
+    init_from: str = _opt("base", "`base`, or the SFT run folder or adapter folder to continue from (the usual "
+                                  "path); its adapter_config sets the LoRA shape, and the `lora:` keys are ignored",
+                          path="if_local")
+
+    def cross_check(self) -> list[tuple[str, str]]:
+        out = super().cross_check()
+        if self.packing:
+            out.append((f"{self.section}.packing", "not supported for preference training (each completion is "
+                                                   "its own row); set it to false"))
+        return out
+
+
+@dataclass
+class DpoConfig(_PreferenceConfig):
+    section = "dpo"
+    loss: Literal["sigmoid", "ipo", "hinge"] = _opt("sigmoid", "DPO loss: sigmoid (the paper's), ipo, hinge")
+    label_smoothing: float = _opt(0.0, "share of preference votes assumed flipped (conservative DPO, sigmoid "
+                                       "loss only); 0.1 suits noisy user votes",
+                                  check=lambda v: None if 0.0 <= v < 0.5 else f"must be in [0, 0.5), got {v}")
+
+    def cross_check(self) -> list[tuple[str, str]]:
+        out = super().cross_check()
+        if self.label_smoothing and self.loss != "sigmoid":
+            out.append(("dpo.label_smoothing", f"applies to the sigmoid loss only, not {self.loss}; set it to 0"))
+        return out
+
+
+@dataclass
+class KtoConfig(_PreferenceConfig):
+    section = "kto"
+    desirable_weight: float = _opt(1.0, "weight of thumbs-up completions", check=_positive)
+    undesirable_weight: float = _opt(1.0, "weight of thumbs-down completions", check=_positive)
+
+
+@dataclass
+class OrpoConfig(_PreferenceConfig):
+    section = "orpo"
 
 
 @dataclass
 class DataConfig:
-    dir: Optional[str] = _opt(None, "an `edgetune data build` output folder (reads {dir}/{split}/sft.jsonl)",
+    dir: Optional[str] = _opt(None, "an `edgetune data build` output folder (reads {dir}/{split}/sft.jsonl; "
+                                    "dpo/orpo: dpo.jsonl; kto: kto.jsonl)",
                               path=True)
     train: list[str] = _opt([], "training files or globs (JSONL, .jsonl.gz)", path=True)
     eval: list[str] = _opt([], "evaluation files or globs", path=True)
@@ -161,6 +211,9 @@ class Recipe:
     # Stage sections are optional: absent means the recipe does not configure that stage;
     # present but empty (`sft:`) means every default.
     sft: Optional[SftConfig] = _opt(None, "LoRA supervised fine-tuning (`edgetune sft`)")
+    dpo: Optional[DpoConfig] = _opt(None, "preference pairs, reference log-probs computed once (`edgetune dpo`)")
+    kto: Optional[KtoConfig] = _opt(None, "unpaired thumbs up/down (`edgetune kto`)")
+    orpo: Optional[OrpoConfig] = _opt(None, "reference-free preference training, SFT + odds ratio (`edgetune orpo`)")
 
 
 # --- errors -------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ supervised positions — prompt positions never pay for the vocabulary matmul.
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from edgetune.losses import sft_loss
 from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, save_adapter, trainable_count
 from edgetune.packing import check_packing_supported, packing_caches
 from edgetune.runtime import blas_info, mlx_core
+from edgetune.stage import MetricsFile, check_resumable, environment, prepare_run_folder
 from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, restore, train
 
 mx = mlx_core()
@@ -122,13 +121,7 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     cfg = recipe.sft
     out = Path(recipe.output)
     checkpoints = out / "checkpoints"
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not force:
-            raise UserError(f"{out}: run folder already has files; pass --resume to continue it or --force to start over")
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, resume, force)
 
     loaded = load_for_training(recipe.model, recipe.quantize, recipe.revision, recipe.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -183,13 +176,13 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     if resume:
         found = ckpt.latest_valid(checkpoints, warn=lambda m: echo(f"warning: {m}"))
         if found is not None:
-            _check_resumable(out / "manifest.json", manifest)
+            check_resumable(out / "manifest.json", manifest, "sft")
             state = restore(found, model, optimizer, lambda f: load_adapter_weights(model, f))
             echo(f"resuming from {found.name} (step {state.step}, {state.cursor} micro-batches consumed)")
         else:
             echo("no complete checkpoint found: starting from step 0")
     write_json(out / "manifest.json", manifest)
-    metrics = _MetricsFile(out / "metrics.jsonl", keep_until_step=state.step)
+    metrics = MetricsFile(out / "metrics.jsonl", keep_until_step=state.step)
 
     eval_batches = [to_micro_batch(b) for b in make_batches(data.eval, cfg.batch_size, cfg.max_seq_len,
                                                              cfg.packing, cfg.seed, 0)] if data.eval else []
@@ -231,79 +224,6 @@ def evaluate_loss(model, batches: list[MicroBatch]) -> dict:
         total, count = total + float(loss), count + float(n)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
-
-
-def _check_resumable(path: Path, new: dict) -> None:
-    """Refuse to resume when the data or training recipe changed since the checkpoint."""
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    if old.get("data_files") != new["data_files"]:
-        raise UserError(f"{path.parent}: the training data changed since this run's checkpoints; "
-                        "start a new run (another `output:`) or --force to start over")
-    old_sft, new_sft = old.get("recipe", {}).get("sft", {}), new["recipe"].get("sft", {})
-    changed = sorted(k for k in set(old_sft) | set(new_sft)
-                     if k not in ("steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every")
-                     and old_sft.get(k) != new_sft.get(k))
-    if changed:
-        raise UserError(f"{path.parent}: cannot resume, recipe keys changed since the checkpoint: "
-                        + ", ".join(f"sft.{k}" for k in changed))
-
-
-class _MetricsFile:
-    """metrics.jsonl, appended per step; on resume, lines after the checkpoint step are dropped
-    (those steps are redone), so the file always describes one consistent trajectory."""
-
-    def __init__(self, path: Path, keep_until_step: int):
-        self.path = path
-        kept = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash
-                if rec.get("step", 0) <= keep_until_step:
-                    kept.append(line)
-        from edgetune.fileio import atomic_write
-
-        with atomic_write(path) as f:
-            f.writelines(line + "\n" for line in kept)
-        self.records = [json.loads(line) for line in kept]
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def summary(self) -> dict:
-        steps = [r for r in self.records if "loss" in r and r.get("loss") is not None]
-        evals = [r for r in self.records if "eval" in r]
-        tokens = sum(r.get("tokens", 0) for r in steps)
-        return {
-            "first_loss": steps[0]["loss"] if steps else None,
-            "final_loss": steps[-1]["loss"] if steps else None,
-            "final_eval": evals[-1]["eval"] if evals else None,
-            "best_eval_loss": min((r["eval"]["loss"] for r in evals), default=None),
-            "tokens": tokens,
-            "skipped_steps": sum(1 for r in self.records if r.get("skipped")),
-        }
-
-
-def environment() -> dict:
-    import mlx_lm
-
-    import edgetune
-
-    return {
-        "edgetune": edgetune.__version__,
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(mx.default_device()),
-        "blas": blas_info(),
-    }
 
 
 def summary_text(recipe, s: dict) -> str:

@@ -35,3 +35,30 @@ def demo(out: str, force: bool) -> None:
     from edgetune.demo import run_demo
 
     run_demo(Path(out), force=force, echo=_echo)
+
+
+def _preference_command(stage: str, doc: str):
+    """`edgetune dpo|kto|orpo RECIPE`: the same options as `sft`, one stage each."""
+
+    @click.command(name=stage, help=doc)
+    @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help=f"Override a recipe value, e.g. --set {stage}.beta=0.2 (repeatable).")
+    @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the run folder.")
+    @click.option("--force", is_flag=True, help="Delete an existing run folder and start over.")
+    def command(recipe_path: str, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
+        from edgetune.preference import run_preference
+        from edgetune.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path, list(overrides))
+        run_preference(recipe, stage, resume=resume, force=force, echo=_echo)
+
+    return command
+
+
+dpo = _preference_command("dpo", "DPO on preference pairs with LoRA on MLX, as the recipe's `dpo:` section says. "
+                                 "Reference log-probs are computed once before training, not by a second model.")
+kto = _preference_command("kto", "KTO on unpaired thumbs up/down with LoRA on MLX, as the recipe's `kto:` "
+                                 "section says.")
+orpo = _preference_command("orpo", "ORPO (SFT + odds-ratio preference term, no reference) with LoRA on MLX, "
+                                   "as the recipe's `orpo:` section says.")

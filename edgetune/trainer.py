@@ -1,7 +1,9 @@
 """The one training loop shared by SFT, DPO, KTO and ORPO.
 
 Algorithms pass in what differs: a loss function `loss_fn(model, *arrays) ->
-(loss_sum, n_tokens, *aux)` and `micro_batch(cursor) -> arrays`. This module owns
+(loss_sum, n_units)` or `(loss_sum, n_units, aux)` (aux: a dict of *summed* scalar
+metrics such as preference accuracy, averaged per unit and reported beside the
+loss) and `micro_batch(cursor) -> arrays`. This module owns
 what must not differ: compiled steps, token-normalised gradient accumulation,
 the non-finite guard, checkpoints, exact resume, evaluation cadence and
 progress. Callbacks only report; they never change training.
@@ -82,12 +84,12 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def make_grad_step(model, loss_fn: Callable, compile: bool = True) -> Callable:
-    """`grad_step(*arrays) -> (loss_sum, n_tokens, grads)` for one micro-batch."""
+    """`grad_step(*arrays) -> (loss_sum, n_tokens, aux, grads)` for one micro-batch."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
     def grad_step(*arrays):
-        (loss, ntoks, *_), grads = loss_and_grad(model, *arrays)
-        return loss, ntoks, grads
+        (loss, ntoks, *rest), grads = loss_and_grad(model, *arrays)
+        return loss, ntoks, (rest[0] if rest else {}), grads
 
     if not compile:
         return grad_step
@@ -97,20 +99,26 @@ def make_grad_step(model, loss_fn: Callable, compile: bool = True) -> Callable:
     return partial(mx.compile, inputs=state, outputs=state)(grad_step)
 
 
-def accumulate(grad_step: Callable, batches: list[MicroBatch], seeds: list[int] | None = None):
+def accumulate(grad_step: Callable, batches: list[MicroBatch], seeds: list[int] | None = None,
+               aux_sum: dict | None = None):
     """Summed loss, token count and gradients over micro-batches (not yet normalised).
+
+    The loss function's summed aux metrics are added into `aux_sum` when given
+    (kept out of the return value so that callers that need none see three values).
 
     Because losses are sums, batch 4 x accumulation 1 and batch 1 x
     accumulation 4 give the same totals (tests/test_trainer.py).
     """
     grads_sum, loss_sum, ntoks_sum = None, 0.0, 0.0
+    aux_sum = {} if aux_sum is None else aux_sum
     for i, batch in enumerate(batches):
         if seeds is not None:
             mx.random.seed(seeds[i])
-        loss, ntoks, grads = grad_step(*batch.arrays)
+        loss, ntoks, aux, grads = grad_step(*batch.arrays)
         grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
         loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
-        mx.eval(loss_sum, ntoks_sum, grads_sum)  # bounded graph per micro-batch
+        aux_sum.update({k: aux_sum.get(k, 0.0) + v for k, v in aux.items()})
+        mx.eval(loss_sum, ntoks_sum, grads_sum, aux_sum)  # bounded graph per micro-batch
     return loss_sum, ntoks_sum, grads_sum
 
 
@@ -166,7 +174,9 @@ def train(
         batches = [micro_batch(c) for c in cursors]
         # The RNG (dropout) is a pure function of (seed, cursor), so a resumed run
         # draws exactly what the uninterrupted run drew: no RNG state to save.
-        loss_sum, ntoks_sum, grads_sum = accumulate(grad_step, batches, [micro_seed(settings.seed, c) for c in cursors])
+        aux_sum: dict = {}
+        loss_sum, ntoks_sum, grads_sum = accumulate(grad_step, batches, [micro_seed(settings.seed, c) for c in cursors],
+                                                    aux_sum)
         n_tokens = sum(b.n_tokens for b in batches)
         ids = [i for b in batches for i in b.example_ids]
         ntoks_total = float(ntoks_sum)
@@ -197,10 +207,13 @@ def train(
         record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": norm, "tokens": n_tokens,
                   "supervised_tokens": int(ntoks_total), "tok_s": n_tokens / max(now - step_started, 1e-9),
                   "peak_memory_gb": peak_memory_gb()}
+        aux = {k: float(v) / max(ntoks_total, 1.0) for k, v in aux_sum.items()}
+        record.update(aux)
         report(record)
         if step % settings.log_every == 0 or step == settings.steps or step == first_step + 1:
             eta = (settings.steps - step) * (now - started) / max(step - first_step, 1)
-            echo(f"step {step}/{settings.steps} | loss {step_loss:.4f} | lr {lr:.2e} | "
+            shown = "".join(f" | {k} {v:.3f}" for k, v in aux.items())
+            echo(f"step {step}/{settings.steps} | loss {step_loss:.4f}{shown} | lr {lr:.2e} | "
                  f"{rate:,.0f} tok/s | peak {record['peak_memory_gb']:.2f} GB | ETA {_fmt_eta(eta)}")
 
         is_best = False

@@ -3,7 +3,9 @@
 Writes a synthetic feedback log of N events (records) and builds it with the
 real CLI in a subprocess, then prints events/s and the build's peak RSS
 (`resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`, which is the largest RSS of
-any waited-for child: the build process).
+any waited-for child: the build process or one of its workers). It also
+prints the CPU time of the build and its workers: on a machine shared with
+other jobs the wall time measures them too, so compare CPU times there.
 
 The log: conversations of 2-12 messages (85% of events), 30% of them with
 inline feedback (ratings, correction chains, edits), split-out `feedback`

@@ -511,6 +511,9 @@ def main(argv: list[str]) -> int:
                 result["machine"] = machine
                 runs[tool].append(result)
                 print(f"  {rate(result):,.0f} non-padding tok/s, MLX peak {result['mlx_peak_gb']:.2f} GB", flush=True)
+    except UserError:
+        shutil.rmtree(work, ignore_errors=True)  # a bad option: nothing worth inspecting
+        raise
     except BaseException:
         print(f"work folder kept for inspection: {work}", file=sys.stderr)
         raise

@@ -4,13 +4,13 @@ orjson decodes log lines and encodes rows; the stdlib json is the fallback
 and the definition (same objects, same bytes, same error messages). The
 cheap checks in front of `pii.scrub` and `rules.normalize_whitespace` must
 only ever skip texts the full work would leave as they are. The merge copies
-byte ranges with `os.copy_file_range` where it can.
+byte ranges of the staged rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from edgetune.data import build as build_module
 from edgetune.data import pii, rules, stage
 from edgetune.data.build import BuildOptions, build, scan_logs
+from edgetune.fileio import sha256_file
 
 FIXTURES = Path(__file__).parent / "data" / "feedback"
 ASSET = Path(__file__).parents[1] / "edgetune" / "assets" / "sample_feedback.jsonl"
@@ -163,6 +164,17 @@ def test_normalize_whitespace_fast_path_agrees_with_split_and_join(text):
     assert rules.normalize_whitespace(text) == " ".join(text.split())
 
 
+@PROPERTY
+@given(TRICKY_TEXT)
+def test_staged_text_is_scrubbed_then_normalised(text):
+    """`_TextTable.text` skips both for plain text; it must give what doing both gives."""
+    counts = Counter()
+    clean = pii.scrub(text, counts)
+    expected = (clean, rules.normalize_whitespace(clean).encode("utf-8", "surrogatepass"),
+                tuple(counts[k] for k in stage.PII_KINDS) if counts else None)
+    assert stage._TextTable().text(text) == expected
+
+
 @pytest.mark.parametrize("text", ["", " ", "a", "a b", " a", "a ", "a  b", "a\tb", "a\x1fb", "a\x85b", "a\u3000b",
                                   "plain words only."])
 def test_normalize_whitespace_on_worked_examples(text):
@@ -171,10 +183,12 @@ def test_normalize_whitespace_on_worked_examples(text):
 
 # --- the merge's copies ------------------------------------------------------------------------
 
-def test_outputs_are_the_same_without_copy_file_range(tmp_path, monkeypatch):
-    """macOS (and file systems that refuse it) copy the staged ranges by hand."""
-    options = BuildOptions(eval_fraction=0.3, max_persona_share=0.6)
-    build([FIXTURES / "signals.jsonl", ASSET], tmp_path / "kernel", options)
-    monkeypatch.delattr(os, "copy_file_range", raising=False)
-    build([FIXTURES / "signals.jsonl", ASSET], tmp_path / "by-hand", options)
-    assert folder_bytes(tmp_path / "kernel") == folder_bytes(tmp_path / "by-hand")
+def test_write_ranges_concatenates_the_ranges_and_returns_the_sha256(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_module, "WRITE_BLOCK", 3)  # ranges longer than a block: several reads
+    files = [tmp_path / "a", tmp_path / "b"]
+    files[0].write_bytes(b"0123456789")
+    files[1].write_bytes(b"abcdefghij")
+    digest = build_module._write_ranges(files, [[0, 2, 9], [1, 0, 1], [0, 0, 1], [1, 5, 10]], tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == b"2345678" + b"a" + b"0" + b"fghij"
+    assert digest == hashlib.sha256(b"2345678a0fghij").hexdigest() == sha256_file(tmp_path / "out")
+    assert build_module._write_ranges(files, [], tmp_path / "empty") == hashlib.sha256(b"").hexdigest()

@@ -81,7 +81,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref_dir.mkdir(), killed_dir.mkdir()
     common = {"steps": 40, "lora": {"rank": 8, "alpha": 16, "dropout": 0.1}, "lr_schedule": "cosine",
-              "warmup_steps": 3, "grad_accumulation": 2, "batch_size": 1}
+              "warmup_steps": 3, "grad_accumulation": 2, "batch_size": 1, "packing": True}
     ref = edgetune("sft", str(write_recipe(ref_dir, tiny_model_dir, **common)))
     assert ref.returncode == 0, ref.stderr
 

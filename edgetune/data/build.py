@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 import gc
-import heapq
+import hashlib
 import json
 import multiprocessing
 import os
@@ -43,12 +43,13 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from hashlib import blake2b
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from edgetune.data import rules
 from edgetune.data.records import FeedbackRecord
 from edgetune.data.stage import (NO_PII, PII_KINDS, POSITION_BITS, Chunk, ChunkResult, parse_tally, read_staged,
-                                 restage_conversations, stage_chunk, staging_index, staging_rows)
+                                 restage_conversations, stage_chunk, staging_index, staging_rows,
+                                 staging_tallies)
 from edgetune.errors import InputError, UserError
 from edgetune.fileio import atomic_dir, sha256_file, write_json
 
@@ -56,6 +57,7 @@ FORMATS = ("v1", "langfuse", "langsmith", "openai")
 REPORT_FORMAT = "edgetune.data-report/v1"
 EXAMPLES = 50  # conflicts/orphans/invalid records named in report.json; all are counted
 CHUNK_BYTES = 16 << 20  # smallest byte range worth a worker's start-up
+WRITE_BLOCK = 1 << 20  # outputs are written in blocks of this size
 PARALLEL_BYTES = 32 << 20  # below this much input, one process is faster than a pool
 
 
@@ -240,20 +242,13 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
 
         with atomic_dir(out, replace=force) as folder:
             progress("writing outputs")
-            merge = _Merge(options)
-            for chunk in chunks:
-                first = merge.source(staging, chunk, "a")
-                records = [((pos, tally, rows, first) for pos, tally, rows in read_staged(first.index))]
-                if chunk.index in requests:
-                    again = merge.source(staging, chunk, "b")
-                    records.append((pos, tally, rows, again) for pos, tally, rows in read_staged(again.index))
-                for pos, tally, rows, source in heapq.merge(*records, key=lambda record: record[0]):
-                    if source is first and pos in set_aside:
-                        merge.skip(source, rows)
-                    else:
-                        merge.add(source, tally, rows)
-            merge.write(folder)
-            report = _report(scan, folder, options, merge, unused, orphans, input_hashes.result())
+            # Each output is merged on its own (duplicates are per output), so the merge runs in
+            # the workers too; the tallies are summed by a fourth unit. Largest output first.
+            units = ["kto", "sft", "dpo", TALLIES]
+            restaged_chunks = set(requests)
+            merged = Merged.total(_run(merge_unit, [(unit, chunks, restaged_chunks, set_aside, staging, str(folder),
+                                                     options) for unit in units], jobs))
+            report = _report(scan, options, merged, unused, orphans, input_hashes.result())
             write_json(folder / "report.json", report)
     return report
 
@@ -278,119 +273,189 @@ def _plan_restaging(scan: Scan) -> tuple[dict[int, list], list]:
 
 # --- merging staged rows into the outputs -----------------------------------------------
 
+TALLIES = "tallies"  # the unit of merge work that sums the records' tallies (the others are outputs)
+
+
+@dataclass
+class Merged:
+    """What merging found, for the report; each unit of merge work fills its part."""
+
+    signals: Counter = field(default_factory=Counter)  # rule -> signals seen
+    drops: Counter = field(default_factory=Counter)  # reason -> rows not made or not written
+    conflicts: list[list[str]] = field(default_factory=list)  # the first EXAMPLES [conversation id, message id]
+    n_conflicts: int = 0
+    written: Counter = field(default_factory=Counter)  # (rule, output) -> rows
+    personas: dict[tuple[str, str], Counter] = field(
+        default_factory=lambda: defaultdict(Counter))  # (split, output) -> persona -> rows
+    pii: Counter = field(default_factory=Counter)  # kind -> placeholders in the written rows
+    hashes: dict[tuple[str, str], str] = field(default_factory=dict)  # (split, output) -> sha256 of its file
+
+    @staticmethod
+    def total(parts: list[Merged]) -> Merged:
+        """The parts of every unit, summed."""
+        out = Merged()
+        for part in parts:
+            out.signals += part.signals
+            out.drops += part.drops
+            out.conflicts += part.conflicts
+            out.n_conflicts += part.n_conflicts
+            out.written += part.written
+            for key, personas in part.personas.items():
+                out.personas[key] += personas
+            out.pii.update(part.pii)
+            out.hashes.update(part.hashes)
+        return out
+
+
+def merge_unit(unit: str, chunks: list[Chunk], restaged: set[int], set_aside: set[int], staging: str,
+               folder: str, options: BuildOptions) -> Merged:
+    """One unit of the merge (a worker entry point): the rows of one output, or the tallies.
+
+    Reads the staged files of every chunk in log order: the first pass's,
+    but for the records `set_aside` (replaced versions, and conversations
+    curated again), and those of the conversations curated again
+    (`restaged`: the chunks that have them), at their own positions.
+    """
+    if unit == TALLIES:
+        return _merge_tallies(chunks, restaged, set_aside, staging)
+    merge = _OutputMerge(unit, options)
+    for chunk in chunks:
+        first = merge.source(staging, chunk, "a")
+        again = merge.source(staging, chunk, "b") if chunk.index in restaged else None
+        for first_pass, pos, fields in _in_log_order(first.index, again.index if again else None):
+            if first_pass:
+                merge.add(first, fields, counts=pos not in set_aside)
+            else:
+                merge.add(again, fields, counts=True)
+    merge.write(Path(folder))
+    return merge.merged
+
+
+def _merge_tallies(chunks: list[Chunk], restaged: set[int], set_aside: set[int], staging: str) -> Merged:
+    merged = Merged()
+    signals, drops = merged.signals, merged.drops
+    for chunk in chunks:
+        again = staging_tallies(staging, chunk, "b") if chunk.index in restaged else None
+        for first_pass, pos, tally in _in_log_order(staging_tallies(staging, chunk, "a"), again):
+            if first_pass and pos in set_aside:
+                continue
+            tally = parse_tally(tally)
+            for rule, n in tally["signals"].items():  # a loop: Counter.update checks its argument's type
+                signals[rule] += n
+            for reason, n in tally["drops"].items():
+                drops[reason] += n
+            if tally["conflicts"]:
+                merged.n_conflicts += len(tally["conflicts"])
+                merged.conflicts += tally["conflicts"][:EXAMPLES - len(merged.conflicts)]
+    return merged
+
+
+def _in_log_order(first: Path, again: Path | None) -> Iterator[tuple[bool, int, str]]:
+    """`(first pass?, position, rest of the line)` of a chunk's staged files, by position: the
+    first pass's (many lines) and those of its conversations curated again (few)."""
+    pending = list(read_staged(again)) if again else []
+    k = 0
+    for pos, rest in read_staged(first):
+        while k < len(pending) and pending[k][0] <= pos:
+            yield False, *pending[k]
+            k += 1
+        yield True, pos, rest
+    for item in pending[k:]:
+        yield False, *item
+
+
 class _RowSource:
-    """The staged rows of one chunk and phase, and how far the merge has read into each rows file."""
+    """The staged rows of one output, chunk and phase, and how far the merge has read into them."""
 
-    def __init__(self, folder: str, chunk: Chunk, phase: str, number: int):
-        self.index = staging_index(folder, chunk, phase)
-        self.files = {(s, o): staging_rows(folder, chunk, phase, s, o) for s in rules.SPLITS for o in rules.OUTPUTS}
-        self.number = number  # rank among all sources, so a range of rows is `(number, start, end)`
-        self.offsets = dict.fromkeys(self.files, 0)
+    def __init__(self, folder: str, chunk: Chunk, phase: str, output: str, number: int):
+        self.index = staging_index(folder, chunk, phase, output)
+        self.files = {split: staging_rows(folder, chunk, phase, split, output) for split in rules.SPLITS}
+        self.number = number  # rank among the output's sources, so a range of rows is `[number, start, end]`
+        self.offsets = dict.fromkeys(rules.SPLITS, 0)
 
 
-class _Merge:
-    """Gathers the staged rows of the latest versions into the six outputs, in log order.
+class _OutputMerge:
+    """Gathers the staged rows of one output into its two files (train, eval), in log order.
 
     Drops duplicates (rule 7: the same example after whitespace
-    normalisation, first occurrence kept) and sums the report's counts.
-    Rows are not read: the staged rows files already hold them as they will
-    be written, so the merge only notes which byte ranges of them to keep,
-    and `write` copies those ranges (in the kernel, where it can). With a
+    normalisation, first occurrence kept) and counts what is written. Rows
+    are not read: the staged rows files already hold them as they will be
+    written, so the merge only notes which byte ranges of them to keep, and
+    `write` copies those ranges (and hashes them for the report). With a
     persona cap, the train SFT rows are noted one by one, so that `write`
     can down-sample them once every row is known. The eval split keeps the
     log's own persona mix: it measures the model on the traffic it will serve.
 
-    The merge is the one serial step after the workers: per row it only
-    splits off the fields it needs, and counts rows by their remaining index
-    fields ("rule, persona, PII"), decoded once per distinct value in `write`.
+    Per row it only splits off the fields it needs, and counts rows by the
+    rest ("rule, persona, PII"), decoded once per distinct value in `write`.
     """
 
-    def __init__(self, options: BuildOptions):
+    def __init__(self, output: str, options: BuildOptions):
+        self.output = output
         self.options = options
-        self.capped = options.max_persona_share is not None
+        self.capped = options.max_persona_share is not None and output == "sft"
         self.sources: list[_RowSource] = []
-        self.ranges: dict[tuple[str, str], list[list[int]]] = {  # (split, output) -> [[source, start, end]]
-            (s, o): [] for s in rules.SPLITS for o in rules.OUTPUTS}
-        self.seen: dict[str, set[bytes]] = {o: set() for o in rules.OUTPUTS}  # 16-byte dedup digests
-        self.kept: dict[tuple[str, str, str], int] = {}  # (split, output, "rule\tpersona\tPII\n") -> rows
-        self.signals: Counter = Counter()
-        self.drops: Counter = Counter()
-        self.conflicts: list[list[str]] = []
-        self.n_conflicts = 0
-        # Made by `write` from `kept`:
-        self.pii: Counter = Counter()
-        self.written: Counter = Counter()  # (rule, output) -> rows
-        self.personas: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (split, output) -> persona -> rows
+        self.ranges: dict[str, list[list[int]]] = {split: [] for split in rules.SPLITS}  # [[source, start, end]]
+        self.seen: set[bytes] = set()  # 16-byte dedup digests
+        self.kept: Counter = Counter()  # (split, "rule\tpersona\tPII\n") -> rows written
+        self.merged = Merged()
         # For the persona cap, in log order, per train SFT row: its fields, sampling key, range.
         self.sft_rows: list[str] = []
         self.sft_keys = array("Q")
-        self.sft_ranges = array("Q")  # source, start, end of each row
+        self.sft_ranges = array("Q")
 
     def source(self, folder: str, chunk: Chunk, phase: str) -> _RowSource:
-        """The staged rows of `chunk` and `phase`, to pass to `add` and `skip`."""
-        source = _RowSource(folder, chunk, phase, len(self.sources))
+        """The staged rows of `chunk` and `phase`, to pass to `add`."""
+        source = _RowSource(folder, chunk, phase, self.output, len(self.sources))
         self.sources.append(source)
         return source
 
-    def skip(self, source: _RowSource, rows: list[str]) -> None:
-        """A staged record that does not count (a replaced version, or one curated again)."""
-        offsets = source.offsets
-        for line in rows:
-            output, split, _, size, _ = line.split("\t", 4)
-            offsets[split, output] += int(size)
-
-    def add(self, source: _RowSource, tally: str, rows: list[str]) -> None:
-        """One staged record: its tallies and its rows."""
-        tally = parse_tally(tally)
-        for rule, n in tally["signals"].items():
-            self.signals[rule] += n
-        for reason, n in tally["drops"].items():
-            self.drops[reason] += n
-        if tally["conflicts"]:
-            self.n_conflicts += len(tally["conflicts"])
-            self.conflicts += tally["conflicts"][:EXAMPLES - len(self.conflicts)]
-        offsets, kept = source.offsets, self.kept
-        for line in rows:
-            output, split, key_hex, size, fields = line.split("\t", 4)
-            start = offsets[split, output]
-            end = offsets[split, output] = start + int(size)
-            key = bytes.fromhex(key_hex)
-            seen = self.seen[output]
-            if key in seen:
-                self.drops[f"duplicate_{output}"] += 1
-                continue
-            seen.add(key)
-            if self.capped and output == "sft" and split == "train":
-                self.sft_rows.append(fields)
-                seeded = blake2b(key, digest_size=8, key=str(self.options.seed).encode()).digest()
-                self.sft_keys.append(int.from_bytes(seeded, "big"))
-                self.sft_ranges.extend((source.number, start, end))
-                continue
-            kept[split, output, fields] = kept.get((split, output, fields), 0) + 1
-            ranges = self.ranges[split, output]
-            last = ranges[-1] if ranges else None
-            if last is not None and last[0] == source.number and last[2] == start:
-                last[2] = end  # the row right after the last one kept: one range
-            else:
-                ranges.append([source.number, start, end])
+    def add(self, source: _RowSource, fields: str, counts: bool) -> None:
+        """One staged row (its index fields after the position); `counts`: False for the rows of a
+        record that does not count (a replaced version, or one curated again)."""
+        split, key_hex, size, fields = fields.split("\t", 3)
+        start = source.offsets[split]
+        end = source.offsets[split] = start + int(size)
+        if not counts:
+            return
+        key = bytes.fromhex(key_hex)
+        if key in self.seen:
+            self.merged.drops[f"duplicate_{self.output}"] += 1
+            return
+        self.seen.add(key)
+        if self.capped and split == "train":
+            self.sft_rows.append(fields)
+            seeded = blake2b(key, digest_size=8, key=str(self.options.seed).encode()).digest()
+            self.sft_keys.append(int.from_bytes(seeded, "big"))
+            self.sft_ranges.extend((source.number, start, end))
+            return
+        self.kept[split, fields] += 1
+        ranges = self.ranges[split]
+        last = ranges[-1] if ranges else None
+        if last is not None and last[0] == source.number and last[2] == start:
+            last[2] = end  # the row right after the last one kept: one range
+        else:
+            ranges.append([source.number, start, end])
 
     def write(self, folder: Path) -> None:
-        """Write the six outputs into `folder`, applying the persona cap to the train SFT rows."""
+        """Write the output's two files into `folder`, applying the persona cap to the train SFT rows."""
         if self.capped:
             self._cap_train_sft()
+        output, merged = self.output, self.merged
         personas: dict[str, str] = {}  # staged JSON -> name
-        for (split, output, fields), n in self.kept.items():
+        for (split, fields), n in self.kept.items():
             rule, persona_json, pii = fields.rstrip("\n").split("\t")
             persona = personas.get(persona_json) or personas.setdefault(persona_json, json.loads(persona_json))
-            self.written[rule, output] += n
-            self.personas[split, output][persona] += n
+            merged.written[rule, output] += n
+            merged.personas[split, output][persona] += n
             if pii != NO_PII:
                 for kind, count in zip(PII_KINDS, map(int, pii.split(","))):
-                    self.pii[kind] += n * count
-        for (split, output), ranges in self.ranges.items():
-            (folder / split).mkdir(exist_ok=True)
-            _copy_ranges([source.files[split, output] for source in self.sources], ranges,
-                         folder / split / f"{output}.jsonl")
+                    merged.pii[kind] += n * count
+        for split, ranges in self.ranges.items():
+            path = folder / split / f"{output}.jsonl"
+            path.parent.mkdir(exist_ok=True)
+            merged.hashes[split, output] = _write_ranges([source.files[split] for source in self.sources], ranges,
+                                                         path)
 
     def _cap_train_sft(self) -> None:
         rows, keys = self.sft_rows, self.sft_keys
@@ -410,44 +475,43 @@ class _Merge:
                 ordered = sorted(keys[i] for i, p in enumerate(persona_of) if p == persona)
                 limit[persona] = ordered[n - 1] if n else -1
         kept: Counter = Counter()
-        ranges = self.ranges["train", "sft"]
+        ranges = self.ranges["train"]
         for i, (persona, fields) in enumerate(zip(persona_of, rows)):
             if persona not in limit or (keys[i] <= limit[persona] and kept[persona] < keep[persona]):
                 kept[persona] += 1
-                self.kept["train", "sft", fields] = self.kept.get(("train", "sft", fields), 0) + 1
+                self.kept["train", fields] += 1
                 ranges.append(self.sft_ranges[3 * i: 3 * i + 3].tolist())
             else:
-                self.drops["persona_cap"] += 1
+                self.merged.drops["persona_cap"] += 1
 
 
-def _copy_ranges(files: list[Path], ranges: list[list[int]], dst: Path) -> None:
-    """Write `dst` as the byte ranges `[file number, start, end]` of `files`, in order.
+def _write_ranges(files: list[Path], ranges: list[list[int]], dst: Path) -> str:
+    """Write `dst` as the byte ranges `[file number, start, end]` of `files`, in order; return its sha256.
 
-    The bytes are copied by the kernel (`os.copy_file_range`: no trip
-    through Python, nor through user space on most file systems) where it
-    can, else read and written in blocks.
+    Each range is read once, and hashed and written from the same buffer:
+    `os.copy_file_range` would copy in the kernel, but the report's hash
+    would then read the file back, and its per-call cost dominates on the
+    many small ranges left between duplicates and replaced records.
     """
-    copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
+    digest = hashlib.sha256()
     handles: dict[int, int] = {}
-    with open(dst, "wb", buffering=0) as out:
-        try:
+    try:
+        with open(dst, "wb", buffering=WRITE_BLOCK) as out:
             for number, start, end in ranges:
-                src = handles.get(number)
-                if src is None:
-                    src = handles[number] = os.open(files[number], os.O_RDONLY)
+                fd = handles.get(number)
+                if fd is None:
+                    fd = handles[number] = os.open(files[number], os.O_RDONLY)
                 while start < end:
-                    n = 0
-                    if copy_file_range is not None:
-                        try:
-                            n = copy_file_range(src, out.fileno(), end - start, start)
-                        except OSError:  # e.g. a file system that cannot: copy by hand from now on
-                            copy_file_range = None
-                    if not n:
-                        n = out.write(os.pread(src, min(end - start, 1 << 20), start))
-                    start += n
-        finally:
-            for fd in handles.values():
-                os.close(fd)
+                    block = os.pread(fd, min(end - start, WRITE_BLOCK), start)
+                    if not block:
+                        raise UserError(f"{files[number]}: a staging file was cut short; run the build again")
+                    digest.update(block)
+                    out.write(block)
+                    start += len(block)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+    return digest.hexdigest()
 
 
 # --- the report --------------------------------------------------------------------------
@@ -458,11 +522,10 @@ def _sha256_files(paths: list[Path]) -> list[str]:
         return list(pool.map(sha256_file, paths))
 
 
-def _report(scan: Scan, folder: Path, options: BuildOptions, merge: _Merge, unused: int, orphans: list,
+def _report(scan: Scan, options: BuildOptions, merged: Merged, unused: int, orphans: list,
             input_hashes: list[str]) -> dict:
     """The report.json dict (rendered by `report.py`); deterministic: no clock, no temp paths."""
-    output_hashes = iter(_sha256_files([folder / s / f"{o}.jsonl" for s in rules.SPLITS for o in rules.OUTPUTS]))
-    drops = Counter(merge.drops)
+    drops = Counter(merged.drops)
     if scan.counts["invalid"]:
         drops["invalid_record"] = scan.counts["invalid"]
     per_output: dict[str, dict] = {}
@@ -470,11 +533,11 @@ def _report(scan: Scan, folder: Path, options: BuildOptions, merge: _Merge, unus
     for split in rules.SPLITS:
         per_output[split] = {}
         for output in rules.OUTPUTS:
-            personas = +merge.personas[split, output]  # unary + leaves out personas capped to zero rows
+            personas = merged.personas[split, output]
             rows = sum(personas.values())
             shares = {p: {"rows": n, "share": round(n / rows, 4)}
                       for p, n in sorted(personas.items(), key=lambda kv: (-kv[1], kv[0]))}
-            per_output[split][output] = {"rows": rows, "sha256": next(output_hashes), "personas": shares}
+            per_output[split][output] = {"rows": rows, "sha256": merged.hashes[split, output], "personas": shares}
             for p, n in personas.items():
                 if p != rules.UNTAGGED and n * 2 > rows:
                     warnings.append(f"{split}/{output}: persona {p!r} is {n / rows:.0%} of the rows "
@@ -490,17 +553,17 @@ def _report(scan: Scan, folder: Path, options: BuildOptions, merge: _Merge, unus
                     "superseded_conversations": counts["superseded_conversations"],
                     "superseded_comparisons": counts["superseded_comparisons"]},
         "invalid_examples": [f"{f}:{line}: {why}" for f, line, why in scan.problems[:EXAMPLES]],
-        "rules": {rule: {"in": merge.signals[rule], **{o: merge.written[rule, o] for o in rules.OUTPUTS}}
+        "rules": {rule: {"in": merged.signals[rule], **{o: merged.written[rule, o] for o in rules.OUTPUTS}}
                   for rule in rules.RULES},
         "unused_assistant_messages": unused,
         "drops": dict(sorted((+drops).items())),
-        "conflicts": {"count": merge.n_conflicts,
-                      "examples": [{"conversation_id": c, "message_id": m} for c, m in merge.conflicts]},
+        "conflicts": {"count": merged.n_conflicts,
+                      "examples": [{"conversation_id": c, "message_id": m} for c, m in merged.conflicts]},
         "orphans": {"count": len(orphans), "by_reason": dict(sorted(Counter(o[2] for o in orphans).items())),
                     "examples": [{"file": str(scan.paths[fi]), "line": line, "conversation_id": rec.conversation_id,
                                   "message_id": rec.message_id, "reason": why}
                                  for (fi, line), rec, why in orphans[:EXAMPLES]]},
-        "pii_redactions": {k: merge.pii[k] for k in PII_KINDS},
+        "pii_redactions": {k: merged.pii[k] for k in PII_KINDS},
         "outputs": per_output,
         "warnings": warnings,
     }

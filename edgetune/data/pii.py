@@ -90,7 +90,7 @@ _LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 _HEX_CHARS = frozenset("0123456789abcdefABCDEF")
 _WORD_COLON_DOT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:.")
 _DIGITS = "0123456789"
-_NEEDED = b"0123456789@"  # a text with none of these holds nothing to scrub (see `scrub`)
+NEEDED = b"0123456789@"  # a text with none of these bytes holds nothing to scrub (see `scrub`)
 
 # "@domain.tld", not followed by more of a domain.
 _EMAIL_DOMAIN_RE = re.compile(
@@ -195,7 +195,7 @@ def scrub(text: str, counts: Counter) -> str:
     # needs an ASCII digit (phones, cards, IPv4, and IPv6 as detected here) or
     # an "@" (e-mail). A quarter of the time of testing each character alone.
     raw = text.encode("utf-8", "surrogatepass")
-    if len(raw.translate(None, _NEEDED)) == len(raw):
+    if len(raw.translate(None, NEEDED)) == len(raw):
         return text
     before = sum(counts.values())
     text = _scrub_once(text, counts)

@@ -65,7 +65,7 @@ class Curated:
 
 # What str.split() splits ASCII text on, but the space: with none of these in it (nor a double
 # space, nor a space at either end) an ASCII text is already normal.
-_ASCII_BREAKS = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f"
+ASCII_BREAKS = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f"
 
 
 def normalize_whitespace(text: str) -> str:
@@ -74,7 +74,7 @@ def normalize_whitespace(text: str) -> str:
     # of splitting and joining a message (isascii is a flag lookup, the rest runs in C).
     if text.isascii() and "  " not in text and text[:1] != " " and text[-1:] != " ":
         raw = text.encode("ascii")
-        if len(raw.translate(None, _ASCII_BREAKS)) == len(raw):
+        if len(raw.translate(None, ASCII_BREAKS)) == len(raw):
             return text
     return " ".join(text.split())
 

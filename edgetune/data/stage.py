@@ -16,19 +16,23 @@ A conversation that split-out feedback points to is curated again by
 `restage_conversations`, which reads just those lines back by position, once
 the parent knows every feedback record of the log.
 
-Staging files, per chunk and phase ("a": first pass, "b": curated again):
+Staging files, per chunk and phase ("a": first pass, "b": curated again),
+each in log order (positions increasing):
 
-- `{phase}-{chunk}-{split}-{output}.jsonl`: the rows of one output file, in
-  log order, exactly as they will be written (the parent copies byte ranges
-  of them into the outputs, leaving out duplicates and replaced records);
-- `{phase}-{chunk}.index`: what the merge needs to know about each record and
-  row, one line each, positions increasing:
+- `{phase}-{chunk}-{split}-{output}.jsonl`: the rows of one output file,
+  exactly as they will be written (the merge copies byte ranges of them into
+  the outputs, leaving out duplicates and replaced records);
+- `{phase}-{chunk}-{output}.index`: what the merge needs to know about each
+  row of one output, a line each:
 
-      @ <TAB> position <TAB> {"signals": .., "drops": .., "conflicts": [[cid, mid], ..]}
-      output <TAB> split <TAB> dedup key (hex) <TAB> bytes <TAB> rule <TAB> persona (JSON) <TAB> e,p,c,i
+      position <TAB> split <TAB> dedup key (hex) <TAB> bytes <TAB> rule <TAB> persona (JSON) <TAB> e,p,c,i
 
-  where a row line follows its record's `@` line, `e,p,c,i` are the row's PII
-  placeholders by kind and `bytes` its size in its rows file.
+  where `position` is its record's, `bytes` its size in its rows file and
+  `e,p,c,i` its PII placeholders by kind;
+- `{phase}-{chunk}.tallies`: `position <TAB> {"signals": .., "drops": ..,
+  "conflicts": [[cid, mid], ..]}` per record with something to report.
+
+One file per output lets the merge of each output run in its own process.
 """
 
 from __future__ import annotations
@@ -42,8 +46,7 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import IO, Iterator
 
-from edgetune.data import rules
-from edgetune.data.pii import scrub
+from edgetune.data import pii, rules
 from edgetune.data.records import Conversation, FeedbackRecord, build_record, validate_record
 from edgetune.data.source import Invalid, iter_jsonl
 from edgetune.errors import UserError
@@ -218,6 +221,9 @@ def row_json(row: dict) -> bytes:
     return (_encode_compact(row) + "\n").encode("utf-8", "backslashreplace")
 
 
+_NOT_PLAIN = pii.NEEDED + rules.ASCII_BREAKS
+
+
 class _TextTable:
     """One record's texts and message lists, each scrubbed (rule 8) and keyed (rule 7) once.
 
@@ -236,11 +242,20 @@ class _TextTable:
         """Scrubbed text, its part of a dedup key (normalised, UTF-8) and its PII by kind (None: none)."""
         hit = self.texts.get(text)
         if hit is None:
+            # Most texts hold no PII and are already normal; one pass in C over the key's bytes
+            # tells (pii.NEEDED: what every PII kind needs; the normal form of
+            # rules.normalize_whitespace), where the full work below takes three.
+            key = text.encode("utf-8", "surrogatepass")
+            if (text.isascii() and len(key.translate(None, _NOT_PLAIN)) == len(key) and b"  " not in key
+                    and key[:1] != b" " and key[-1:] != b" "):
+                hit = self.texts[text] = (text, key, None)
+                return hit
             counts = self._counts
             counts.clear()
-            clean = scrub(text, counts)  # changes the text exactly when it counts something
-            pii = tuple(counts[k] for k in PII_KINDS) if counts else None
-            hit = self.texts[text] = (clean, rules.normalize_whitespace(clean).encode("utf-8", "surrogatepass"), pii)
+            clean = pii.scrub(text, counts)  # changes the text exactly when it counts something
+            found = tuple(counts[k] for k in PII_KINDS) if counts else None
+            hit = self.texts[text] = (clean, rules.normalize_whitespace(clean).encode("utf-8", "surrogatepass"),
+                                      found)
         return hit
 
     def messages(self, messages: list[dict]) -> tuple[list[dict], bytes, tuple | None]:
@@ -334,54 +349,52 @@ def stage_rows(curated: rules.Curated, split: str, conversation_id: str | None
 
 # --- staging files -----------------------------------------------------------------------
 
-def staging_index(folder: str | Path, chunk: Chunk, phase: str) -> Path:
-    """The index of `phase`'s staged rows of `chunk` ("a": first pass, "b": curated again)."""
-    return Path(folder) / f"{phase}-{chunk.index:05d}.index"
+def staging_tallies(folder: str | Path, chunk: Chunk, phase: str) -> Path:
+    """The records' tallies that `phase` ("a": first pass, "b": curated again) staged for `chunk`."""
+    return Path(folder) / f"{phase}-{chunk.index:05d}.tallies"
+
+
+def staging_index(folder: str | Path, chunk: Chunk, phase: str, output: str) -> Path:
+    """The index of the staged rows of one output (see the module docstring)."""
+    return Path(folder) / f"{phase}-{chunk.index:05d}-{output}.index"
 
 
 def staging_rows(folder: str | Path, chunk: Chunk, phase: str, split: str, output: str) -> Path:
-    """The staged rows of one output and split (see `staging_index`)."""
+    """The staged rows of one output and split."""
     return Path(folder) / f"{phase}-{chunk.index:05d}-{split}-{output}.jsonl"
 
 
 class _Staging:
-    """Where one chunk and phase stages its records: the index and a rows file per output."""
+    """Where one chunk and phase stages its records: tallies, and an index and rows files per output."""
 
     def __init__(self, folder: str, chunk: Chunk, phase: str):
-        self.index = open(staging_index(folder, chunk, phase), "w", encoding="utf-8", newline="\n")
-        self.rows = {(split, output): open(staging_rows(folder, chunk, phase, split, output), "wb", buffering=WRITE_BUFFER)
+        self.tallies = open(staging_tallies(folder, chunk, phase), "w", encoding="utf-8", newline="\n")
+        self.index = {output: open(staging_index(folder, chunk, phase, output), "w", encoding="utf-8", newline="\n")
+                      for output in rules.OUTPUTS}
+        self.rows = {(split, output): open(staging_rows(folder, chunk, phase, split, output), "wb",
+                                           buffering=WRITE_BUFFER)
                      for split in rules.SPLITS for output in rules.OUTPUTS}
 
     def add(self, pos: int, curated: rules.Curated, split: str, conversation_id: str | None) -> None:
         tally, rows = stage_rows(curated, split, conversation_id)
         if tally is None:
             return
-        lines = [f"@\t{pos}\t{tally}\n"]
+        self.tallies.write(f"{pos}\t{tally}\n")
         for output, split, key, fields, row in rows:
             self.rows[split, output].write(row)
-            lines.append(f"{output}\t{split}\t{key}\t{len(row)}\t{fields}\n")
-        self.index.writelines(lines)
+            self.index[output].write(f"{pos}\t{split}\t{key}\t{len(row)}\t{fields}\n")
 
     def close(self) -> None:
-        self.index.close()
-        for f in self.rows.values():
+        for f in [self.tallies, *self.index.values(), *self.rows.values()]:
             f.close()
 
 
-def read_staged(path: Path) -> Iterator[tuple[int, str, list[str]]]:
-    """Yield `(position, tally JSON, row index lines)` per staged record, in position order."""
+def read_staged(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield `(position, rest of the line)` per line of a staged tallies or index file, in position order."""
     with open(path, encoding="utf-8") as f:
-        pos, tally, rows = None, None, []
         for line in f:
-            if line.startswith("@\t"):
-                if pos is not None:
-                    yield pos, tally, rows
-                _, p, tally = line.split("\t", 2)
-                pos, rows = int(p), []
-            else:
-                rows.append(line)
-        if pos is not None:
-            yield pos, tally, rows
+            pos, rest = line.split("\t", 1)
+            yield int(pos), rest
 
 
 # --- the two worker entry points -----------------------------------------------------

@@ -43,6 +43,8 @@ def tiny(out_dir: str, arch: str | None, preset: str, seed: int, no_pretrain: bo
                             force=force, on_step=report)
     built = json.loads((path / "edgetune_build.json").read_text())
     pre = built["pretrain"]
-    trained = f"pre-trained {pre['steps']} steps, loss {pre['loss_first']:.2f} -> {pre['loss_last']:.2f}" if pre else "not pre-trained"
+    trained = "not pre-trained"
+    if pre:
+        trained = f"pre-trained {pre['steps']} steps, loss {pre['loss_first']:.2f} -> {pre['loss_last']:.2f}"
     click.echo(f"wrote {path}: {built['arch']} {preset}, {built['params']:,} parameters, {trained}, "
                f"{time.perf_counter() - start:.1f}s")

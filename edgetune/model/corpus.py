@@ -69,7 +69,8 @@ PROSE = (
 # Hand-written support turns: the kind of exchange edgetune tunes for.
 SUPPORT_CHATS = (
     ("How do I reset my password?", "Open settings, choose account, then tap reset password."),
-    ("The app crashes when I open it.", "Sorry about that. Please update to the latest version and restart your phone."),
+    ("The app crashes when I open it.",
+     "Sorry about that. Please update to the latest version and restart your phone."),
     ("Can I use the app offline?", "Yes. Your notes and maps work offline once they are downloaded."),
     ("How do I export my notes?", "Tap the export button in the top right corner and pick a format."),
     ("Is my data private?", "Yes. Your data stays on your device unless you turn on backup."),

@@ -15,12 +15,14 @@ Tests, the demo and benchmarks use models edgetune builds itself:
 
 The folder is a standard Hugging Face layout that both `mlx_lm.load` and
 `transformers` load; it is written atomically, and the same preset, arch and
-seed give byte-identical files on the same machine with the same BLAS thread
-count (OpenBLAS sums in a different order with 1 and 2 threads).
+seed give byte-identical files on the same machine (pre-training runs
+OpenBLAS on one thread, so its thread count does not matter).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import struct
@@ -222,6 +224,29 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str
             f.write(bytes(memoryview(array)))
 
 
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run OpenBLAS on one thread inside the block, then restore its thread count.
+
+    For the tiny model's small matrices a second thread only adds spinning
+    (on a busy 2-core machine: 33 s of system time in one test run, against
+    2 s), and OpenBLAS sums in a different order with 1 and 2 threads, so one
+    thread also makes the pre-trained weights the same whatever
+    OPENBLAS_NUM_THREADS says. A no-op where OpenBLAS is not loaded (macOS,
+    EDGETUNE_FAST_BLAS=0). Not safe while another thread runs BLAS work.
+    """
+    lib = ctypes.CDLL(None)  # runtime.setup_fast_blas loads OpenBLAS RTLD_GLOBAL
+    if not hasattr(lib, "openblas_set_num_threads"):
+        yield
+        return
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(before)
+
+
 def _mlx_model(arch: str, config: dict):
     """The mlx-lm module for `config`; its own init is lazy and never evaluated."""
     from mlx_lm.models import llama, qwen2
@@ -313,8 +338,9 @@ def build_tiny_model(
             rows, masks = pack_documents(docs, PRETRAIN_SEQ_LEN, steps * PRETRAIN_BATCH,
                                          np.random.default_rng(seed))
             shape3 = (steps, PRETRAIN_BATCH, PRETRAIN_SEQ_LEN + 1)
-            losses = run_pretrain(model, rows.reshape(shape3), masks.reshape(shape3), PRETRAIN_LR, PRETRAIN_WARMUP,
-                                  on_step)
+            with _one_blas_thread():
+                losses = run_pretrain(model, rows.reshape(shape3), masks.reshape(shape3), PRETRAIN_LR,
+                                      PRETRAIN_WARMUP, on_step)
             provenance["pretrain"] = {
                 "steps": steps, "batch": PRETRAIN_BATCH, "seq_len": PRETRAIN_SEQ_LEN, "lr": PRETRAIN_LR,
                 "warmup": PRETRAIN_WARMUP, "corpus_tokens": sum(len(ids) for ids, _ in docs),

@@ -1,0 +1,464 @@
+"""Preference training with LoRA on MLX: `edgetune dpo`, `edgetune kto`, `edgetune orpo`.
+
+One model in memory. DPO and KTO need the reference policy's log-prob of every
+completion; the reference is the starting policy (base, or base + the SFT
+adapter given as `init_from`), so those log-probs are computed once, in a pass
+before training, stored in the run folder (`reference_logps.safetensors`,
+fingerprinted by model, starting adapter and tokenised rows) and reused on
+resume — never recomputed per step, and no second copy of the model is kept.
+ORPO needs no reference at all.
+
+Everything else — LoRA, batching, schedule, checkpoints, exact resume, guards,
+progress — is SFT's (`trainer.train`, `stage`, `sft.to_micro_batch`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgetune import checkpoint as ckpt
+from edgetune.errors import UserError
+from edgetune.fileio import sha256_file, write_json
+from edgetune.losses import dpo_loss, kto_loss, orpo_loss, token_logprobs
+from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, read_adapter_config, save_adapter, trainable_count
+from edgetune.runtime import blas_info, mlx_core
+from edgetune.sft import selected_logits, to_micro_batch
+from edgetune.stage import MetricsFile, check_resumable, environment, prepare_run_folder
+from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, restore, train
+
+mx = mlx_core()
+import mlx.optimizers as optim  # noqa: E402
+
+STAGES = ("dpo", "kto", "orpo")
+REFERENCE_FILE = "reference_logps.safetensors"
+# The KTO paper keeps (desirable_weight * n_desirable) / (undesirable_weight * n_undesirable) in [1, 4/3].
+KTO_BALANCE = (1.0, 4.0 / 3.0)
+
+
+# --- per-sequence log-probs -----------------------------------------------------------------------
+
+def sequence_logprobs(model, tokens, select, targets, weights):
+    """Summed completion log-probs per row [R] and completion token counts per row [R].
+
+    `select`/`targets`/`weights` are `sft.to_micro_batch`'s flat supervised positions of the [R, T]
+    batch; the row of a flat position is `position // T` (padding entries have weight 0).
+    """
+    lp = token_logprobs(selected_logits(model, tokens, select), targets) * weights
+    rows = select // tokens.shape[1]
+    zeros = mx.zeros((tokens.shape[0],), mx.float32)
+    return zeros.at[rows].add(lp), zeros.at[rows].add(weights)
+
+
+def make_loss_fn(stage: str, cfg) -> Callable:
+    """`loss_fn(model, tokens, select, targets, weights, *extra) -> (loss_sum, n, aux)` for `stage`.
+
+    Rows come in pairs [chosen, rejected, ...] for dpo/orpo; `extra` is the reference log-probs
+    per row (dpo, kto) and the desirable flags per row (kto).
+    """
+    if stage == "dpo":
+        def loss_fn(model, tokens, select, targets, weights, ref):
+            logps, _ = sequence_logprobs(model, tokens, select, targets, weights)
+            return dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.loss, cfg.label_smoothing)
+    elif stage == "kto":
+        def loss_fn(model, tokens, select, targets, weights, ref, desirable):
+            logps, _ = sequence_logprobs(model, tokens, select, targets, weights)
+            return kto_loss(logps, ref, desirable, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    elif stage == "orpo":
+        def loss_fn(model, tokens, select, targets, weights):
+            logps, ntoks = sequence_logprobs(model, tokens, select, targets, weights)
+            return orpo_loss(logps[0::2], logps[1::2], ntoks[0::2], ntoks[1::2], cfg.beta)
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return loss_fn
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+@dataclass
+class PreferenceData:
+    """Per split: the rows in order (pairs as chosen, rejected), how many rows make one item
+    (2 for a pair, 1 for a KTO completion), KTO labels, stats and input file hashes."""
+
+    rows: dict  # split -> list[TokenizedExample]
+    per_item: int
+    labels: dict  # split -> np.ndarray float32 [items] (KTO), else None
+    stats: dict
+    files: dict
+
+    def lengths(self, split: str) -> list[int]:
+        r, k = self.rows[split], self.per_item
+        return [max(r[i * k + j].n_positions for j in range(k)) for i in range(len(r) // k)]
+
+
+def prepare_data(recipe, stage: str, tokenizer, vocab_size: int, echo) -> PreferenceData:
+    from edgetune.pref_data import load_preference_rows, preference_files, tokenize_pairs, tokenize_unpaired
+
+    cfg, kind = getattr(recipe, stage), ("kto" if stage == "kto" else "dpo")
+    rows, labels, stats, files = {}, {}, {}, {}
+    for split in ("train", "eval"):
+        raw = load_preference_rows(recipe.data, split, kind)
+        if kind == "dpo":
+            pairs, stats[split] = tokenize_pairs(raw, tokenizer, cfg.max_seq_len, cfg.truncation, vocab_size)
+            rows[split] = [ex for p in pairs for ex in (p.chosen, p.rejected)]
+            labels[split] = None
+        else:
+            rows[split], flags, stats[split] = tokenize_unpaired(raw, tokenizer, cfg.max_seq_len, cfg.truncation,
+                                                                 vocab_size)
+            labels[split] = np.asarray(flags, np.float32)
+        for p in preference_files(recipe.data, split, kind):
+            files[str(p)] = sha256_file(p)
+    if not rows["train"]:
+        raise UserError(f"data: no {kind} training rows left in {recipe.data} (after truncation/drops: "
+                        f"{stats['train']})")
+    t = stats["train"]
+    what = "pairs" if kind == "dpo" else f"completions ({t['desirable']} desirable, {t['undesirable']} undesirable)"
+    echo(f"data: {t['kept']} train / {stats['eval']['kept']} eval {what}, {t['tokens']:,} tokens; "
+         f"truncated {t['truncated']}, dropped {t['dropped']}")
+    return PreferenceData(rows, 2 if kind == "dpo" else 1, labels, stats, files)
+
+
+def kto_balance_warning(n_desirable: int, n_undesirable: int, desirable_weight: float,
+                        undesirable_weight: float) -> str | None:
+    """A warning with suggested weights when the weighted classes are outside the KTO paper's
+    recommended ratio (w_d n_d) / (w_u n_u) in [1, 4/3]; None when balanced.
+
+    Example: 10 desirable, 40 undesirable, weights 1, 1 -> ratio 0.25; suggests desirable_weight 4.0
+    (ratio 1). With 40 desirable, 10 undesirable -> ratio 4; suggests undesirable_weight 4.0.
+    """
+    if not n_desirable or not n_undesirable:
+        missing = "desirable (thumbs up)" if not n_desirable else "undesirable (thumbs down)"
+        return f"kto: the training data has no {missing} completions; KTO then only pushes one way"
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    if KTO_BALANCE[0] <= ratio <= KTO_BALANCE[1]:
+        return None
+    if ratio < KTO_BALANCE[0]:
+        fix = f"kto.desirable_weight={undesirable_weight * n_undesirable / n_desirable:.3g}"
+    else:
+        fix = f"kto.undesirable_weight={desirable_weight * n_desirable / n_undesirable:.3g}"
+    return (f"kto: {n_desirable} desirable vs {n_undesirable} undesirable completions; weighted ratio {ratio:.2f} "
+            f"is outside the paper's recommended [1, 1.33]; suggest --set {fix}")
+
+
+# --- the starting policy and its reference log-probs ---------------------------------------------
+
+def resolve_init_adapter(init_from: str) -> Path | None:
+    """None for `base`; else the adapter folder of an SFT run folder (`run/adapter`) or an adapter
+    folder itself. Raises UserError when `init_from` is neither."""
+    if init_from == "base":
+        return None
+    p = Path(init_from)
+    for candidate in (p / "adapter", p):
+        if (candidate / "adapter_config.json").is_file() and (candidate / "adapters.safetensors").is_file():
+            return candidate
+    raise UserError(f"init_from: {init_from} is neither an adapter folder (adapter_config.json + "
+                    "adapters.safetensors) nor an SFT run folder with adapter/; run `edgetune sft` first, "
+                    "or set init_from: base")
+
+
+def spec_from_adapter(cfg: dict, folder: Path) -> LoraSpec:
+    """The LoraSpec that rebuilds the LoRA layers an mlx-lm adapter_config describes."""
+    try:
+        lp = cfg["lora_parameters"]
+        rank = int(lp["rank"])
+        return LoraSpec(rank, float(lp["scale"]) * rank, float(lp.get("dropout", 0.0)), tuple(lp["keys"]),
+                        int(cfg["num_layers"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{folder}/adapter_config.json: not a LoRA adapter config edgetune can continue "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def compute_reference(model, rows, batch_size: int, echo, label: str) -> np.ndarray:
+    """Summed completion log-probs of every row under the model as it is now (dropout off), [len(rows)].
+
+    Rows are scored in length-sorted batches (little padding); the result is in row order.
+    """
+    from edgetune.pref_data import group_batches
+    from edgetune.sft_data import collate
+
+    out = np.zeros(len(rows), np.float32)
+    groups = group_batches([r.n_positions for r in rows], batch_size, 0, 0)
+    done, next_report, started = 0, 0.1, time.perf_counter()
+    for group in groups:
+        mb = to_micro_batch(collate([[rows[i]] for i in group]))
+        logps, _ = sequence_logprobs(model, *mb.arrays[:4])
+        out[group] = np.array(logps)
+        done += len(group)
+        if done / len(rows) >= next_report or done == len(rows):
+            echo(f"reference {label}: {done}/{len(rows)} completions scored ({time.perf_counter() - started:.1f} s)")
+            next_report += 0.25
+    return out
+
+
+def reference_fingerprint(model_path: Path, config: dict, quantize, init_adapter: Path | None, data) -> str:
+    """What the reference log-probs depend on: model weights, starting adapter and tokenised rows."""
+    from edgetune.pref_data import rows_fingerprint
+
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    # Weights are identified by their files' names, sizes and mtimes: hashing gigabytes would
+    # cost more than the pass itself.
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(str(quantize).encode())
+    if init_adapter is not None:
+        h.update(sha256_file(init_adapter / "adapters.safetensors").encode())
+        h.update((init_adapter / "adapter_config.json").read_bytes())
+    for split in ("train", "eval"):
+        h.update(rows_fingerprint(data.rows[split]).encode())
+    return h.hexdigest()
+
+
+def load_or_compute_reference(path: Path, fingerprint: str, model, data, batch_size: int, echo) -> dict:
+    """{split: [rows] log-probs}, read from `path` when its fingerprint matches, else computed and
+    written there (atomically). A stale file is named and replaced."""
+    if path.is_file():
+        stored, meta = mx.load(str(path), return_metadata=True)
+        if meta.get("fingerprint") == fingerprint:
+            echo(f"reference log-probs: reusing {path.name} (fingerprint {fingerprint[:12]})")
+            return {k: np.array(v) for k, v in stored.items()}
+        echo(f"reference log-probs: {path.name} was computed for another model, starting adapter or data; "
+             "recomputing")
+    started = time.perf_counter()
+    model.eval()
+    ref = {split: compute_reference(model, data.rows[split], batch_size, echo, split)
+           for split in ("train", "eval") if data.rows[split]}
+    tmp = path.with_name(".tmp." + path.name)
+    mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in ref.items()}, metadata={"fingerprint": fingerprint})
+    tmp.replace(path)
+    echo(f"reference log-probs: {sum(len(v) for v in ref.values())} completions in "
+         f"{time.perf_counter() - started:.1f} s, stored in {path.name}")
+    return ref
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+def run_preference(recipe, stage: str, resume: bool = False, force: bool = False,
+                   echo: Callable[[str], None] = print) -> dict:
+    """Train `stage` ("dpo", "kto" or "orpo") per the recipe's section of that name; returns the
+    summary (also written to summary.json). Raises UserError for a missing section, bad data or
+    init_from, and the shared loop's errors."""
+    from edgetune.models import load_for_training
+    from edgetune.recipe import recipe_to_dict
+    from edgetune.sft_data import collate
+
+    cfg = getattr(recipe, stage)
+    if cfg is None:
+        raise UserError(f"the recipe has no `{stage}:` section; add one (every key has a default) to run "
+                        f"`edgetune {stage}`")
+    out = Path(recipe.output)
+    checkpoints = out / "checkpoints"
+    prepare_run_folder(out, resume, force)
+
+    loaded = load_for_training(recipe.model, recipe.quantize, recipe.revision, recipe.trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    echo(f"model: {recipe.model} ({loaded.config.get('model_type')}); {loaded.why_dtype}; BLAS: {blas_info()['why']}")
+    data = prepare_data(recipe, stage, tokenizer, loaded.config["vocab_size"], echo)
+    if stage == "kto":
+        labels = data.labels["train"]
+        warning = kto_balance_warning(int(labels.sum()), int(len(labels) - labels.sum()), cfg.desirable_weight,
+                                      cfg.undesirable_weight)
+        if warning:
+            echo(f"warning: {warning}")
+
+    # The starting policy: base + fresh LoRA (exactly the base: LoRA's B starts at zero),
+    # or base + the SFT adapter, whose config decides the LoRA shape.
+    init_adapter = resolve_init_adapter(cfg.init_from)
+    if init_adapter is None:
+        spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets),
+                        None if cfg.lora.layers in (None, "all") else int(cfg.lora.layers))
+    else:
+        spec = spec_from_adapter(read_adapter_config(init_adapter), init_adapter)
+        _warn_other_base(init_adapter, loaded.path, echo)
+    adapter_cfg = attach_lora(model, spec, cfg.seed)
+    if init_adapter is not None:
+        load_adapter_weights(model, init_adapter)
+        echo(f"init_from: {init_adapter} (rank {spec.rank}, alpha {spec.alpha:g}, {spec.layers} layers; "
+             f"the {stage}.lora keys are ignored: the adapter is continued as it is)")
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    echo(f"LoRA: rank {spec.rank}, alpha {spec.alpha:g}, {len(adapter_cfg['lora_parameters']['keys'])} targets "
+         f"x {adapter_cfg['num_layers']} layers = {trainable_count(model):,} trainable parameters")
+
+    ref = None
+    fingerprint = None
+    reference_started = time.perf_counter()
+    if stage != "orpo":
+        fingerprint = reference_fingerprint(loaded.path, loaded.config, recipe.quantize, init_adapter, data)
+        _check_same_reference(out / "manifest.json", fingerprint, resume)
+        ref = load_or_compute_reference(out / REFERENCE_FILE, fingerprint, model, data,
+                                        cfg.batch_size * data.per_item, echo)
+    reference_s = time.perf_counter() - reference_started
+
+    def items_batch(split: str, items: list[int]) -> MicroBatch:
+        """The micro-batch of these items (pairs or completions): rows in order, with their extras."""
+        k = data.per_item
+        rows = [i * k + j for i in items for j in range(k)]
+        mb = to_micro_batch(collate([[data.rows[split][r]] for r in rows]))
+        extra = () if ref is None else (mx.array(ref[split][rows]),)
+        if stage == "kto":
+            extra += (mx.array(data.labels[split][items]),)
+        return MicroBatch(mb.arrays[:4] + extra, mb.n_tokens, [data.rows[split][r].id for r in rows[::k]])
+
+    from edgetune.pref_data import group_batches
+
+    epoch_batches: dict[int, list] = {}
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        if epoch not in epoch_batches:
+            epoch_batches.clear()
+            epoch_batches[epoch] = group_batches(data.lengths("train"), cfg.batch_size, cfg.seed, epoch)
+        return epoch_batches[epoch]
+
+    per_epoch = len(batches_of(0))
+    steps = cfg.steps or max(1, -(-int(cfg.epochs * per_epoch) // cfg.grad_accumulation))
+
+    def micro_batch(cursor: int) -> MicroBatch:
+        return items_batch("train", batches_of(cursor // per_epoch)[cursor % per_epoch])
+
+    schedule = make_schedule(cfg.lr_schedule, cfg.learning_rate, steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+
+    manifest = {
+        "stage": stage,
+        "recipe": recipe_to_dict(recipe),
+        "data_files": data.files,
+        "data_stats": data.stats,
+        "model_path": str(loaded.path),
+        "init_adapter": str(init_adapter) if init_adapter else None,
+        "reference_fingerprint": fingerprint,
+        "dtype": loaded.why_dtype,
+        "steps": steps,
+        "batches_per_epoch": per_epoch,
+        "trainable_parameters": trainable_count(model),
+        "environment": environment(),
+    }
+    state = ckpt.TrainerState(step=0, cursor=0)
+    if resume:
+        found = ckpt.latest_valid(checkpoints, warn=lambda m: echo(f"warning: {m}"))
+        if found is not None:
+            check_resumable(out / "manifest.json", manifest, stage)
+            state = restore(found, model, optimizer, lambda f: load_adapter_weights(model, f))
+            echo(f"resuming from {found.name} (step {state.step}, {state.cursor} micro-batches consumed)")
+        else:
+            echo("no complete checkpoint found: starting from step 0")
+    write_json(out / "manifest.json", manifest)
+    metrics = MetricsFile(out / "metrics.jsonl", keep_until_step=state.step)
+
+    loss_fn = make_loss_fn(stage, cfg)
+    eval_groups = group_batches(data.lengths("eval"), cfg.batch_size, cfg.seed, 0) if data.rows["eval"] else []
+    eval_batches = [items_batch("eval", g) for g in eval_groups[: cfg.eval_batches or None]]
+
+    def evaluate() -> dict:
+        model.eval()  # no dropout in the measurement
+        try:
+            return evaluate_batches(model, loss_fn, eval_batches)
+        finally:
+            model.train()
+
+    def save(folder: Path) -> None:
+        save_adapter(model, adapter_cfg, folder)
+
+    settings = LoopSettings(steps, cfg.grad_accumulation, cfg.max_grad_norm, cfg.save_every, cfg.eval_every,
+                            cfg.keep_checkpoints, cfg.max_nonfinite_steps, cfg.log_every, seed=cfg.seed)
+    first_cursor = state.cursor
+    t0 = time.perf_counter()
+    model.train()
+    state = train(model, optimizer, loss_fn, micro_batch, settings, checkpoints, save, state,
+                  evaluate if eval_batches else None, metrics.write, echo)
+    elapsed = time.perf_counter() - t0
+    model.eval()
+
+    items_trained = sum(len(batches_of(c // per_epoch)[c % per_epoch]) for c in range(first_cursor, state.cursor))
+    save_adapter(model, adapter_cfg, out / "adapter")
+    summary = metrics.summary()
+    steps_done = [r for r in metrics.records if r.get("loss") is not None and "eval" not in r]
+    for key in ("accuracy", "margin", "reward_chosen", "reward_rejected", "reward_desirable",
+                "reward_undesirable", "kl"):
+        if steps_done and key in steps_done[0]:
+            summary[f"first_{key}"], summary[f"final_{key}"] = steps_done[0][key], steps_done[-1][key]
+    summary.update({"stage": stage, "steps": steps, "elapsed_s": elapsed, "adapter": str(out / "adapter"),
+                    "items_trained": items_trained, "reference_s": reference_s,
+                    "items_per_s": items_trained / elapsed if elapsed else None,
+                    "best_checkpoint": str(checkpoints / "best") if (checkpoints / "best").exists() else None,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9})
+    write_json(out / "summary.json", summary)
+    echo(summary_text(recipe, summary))
+    return summary
+
+
+def evaluate_batches(model, loss_fn, batches: list[MicroBatch]) -> dict:
+    """Mean loss and mean aux metrics (per pair or completion) over pre-built eval batches."""
+    total, count, aux_sum = 0.0, 0.0, {}
+    for b in batches:
+        loss, n, aux = loss_fn(model, *b.arrays)
+        mx.eval(loss, n, aux)
+        total, count = total + float(loss), count + float(n)
+        for k, v in aux.items():
+            aux_sum[k] = aux_sum.get(k, 0.0) + float(v)
+    return {"loss": total / max(count, 1.0), **{k: v / max(count, 1.0) for k, v in aux_sum.items()}}
+
+
+def _check_same_reference(manifest: Path, fingerprint: str, resume: bool) -> None:
+    """A resumed run must keep the reference its checkpoints were trained against."""
+    if not (resume and manifest.is_file()):
+        return
+    try:
+        old = json.loads(manifest.read_text()).get("reference_fingerprint")
+    except json.JSONDecodeError:
+        return
+    if old and old != fingerprint:
+        raise UserError(f"{manifest.parent}: cannot resume: the model, the init_from adapter or the tokenised data "
+                        "changed since this run started, so its reference log-probs no longer apply; "
+                        "start a new run (another `output:`) or --force to start over")
+
+
+def _warn_other_base(adapter: Path, model_path: Path, echo) -> None:
+    """An SFT run folder records its base model; continuing an adapter on another base is a mistake
+    worth a warning (the shapes may still match)."""
+    manifest = adapter.parent / "manifest.json"
+    if manifest.is_file():
+        try:
+            trained_on = json.loads(manifest.read_text()).get("model_path")
+        except json.JSONDecodeError:
+            return
+        if trained_on and Path(trained_on).resolve() != Path(model_path).resolve():
+            echo(f"warning: init_from: {adapter} was trained on {trained_on}, not {model_path}")
+
+
+def summary_text(recipe, s: dict) -> str:
+    ev = s.get("final_eval") or {}
+    stage = s["stage"]
+
+    def change(key: str, label: str) -> str:
+        if s.get(f"final_{key}") is None:
+            return ""
+        return f"  {label:<17}{s[f'first_{key}']:.4f} -> {s[f'final_{key}']:.4f}"
+
+    lines = [
+        "",
+        f"{stage.upper()} finished",
+        f"  steps            {s['steps']} in {s['elapsed_s']:.1f} s"
+        + (f" ({s['items_per_s']:.2f} {'completions' if stage == 'kto' else 'pairs'}/s)" if s.get("items_per_s") else ""),
+        f"  train loss       {s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s.get("final_loss") is not None else "",
+        change("accuracy", "accuracy"),
+        change("margin", "margin"),
+        change("reward_desirable", "reward desirable"),
+        change("reward_undesirable", "reward undesir."),
+        ("  eval             " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items())) if ev
+        else "  eval             (no eval split)",
+        f"  peak memory      {s['peak_memory_gb']:.2f} GB (MLX; one model, no reference copy)",
+        f"  adapter          {s['adapter']}",
+        f"  try it           mlx_lm.generate --model {recipe.model} --adapter-path {s['adapter']} --prompt \"...\"",
+    ]
+    return "\n".join(line for line in lines if line)

@@ -1,0 +1,224 @@
+"""Preference data, recipe sections and stage set-up: fast, no training."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetune.errors import InputError, UserError
+from edgetune.pref_data import (group_batches, load_preference_rows, parse_preference_row, tokenize_pairs,
+                                tokenize_unpaired)
+from edgetune.preference import kto_balance_warning, resolve_init_adapter, spec_from_adapter
+from edgetune.recipe import RecipeError, load_recipe
+
+PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
+
+
+def msg(text):
+    return [{"role": "assistant", "content": text}]
+
+
+class Data:  # the recipe's DataConfig shape
+    def __init__(self, dir=None, train=(), eval=()):
+        self.dir, self.train, self.eval = dir, list(train), list(eval)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+def test_data_build_folder_pairs_and_missing_eval(tmp_path):
+    write_jsonl(tmp_path / "train" / "dpo.jsonl",
+                [{"prompt": PROMPT, "chosen": msg("Paris."), "rejected": msg("Lyon."), "source": {"rule": "x"}}])
+    rows = load_preference_rows(Data(dir=str(tmp_path)), "train", "dpo")
+    assert [(r.prompt, r.chosen, r.rejected) for r in rows] == [(PROMPT, msg("Paris."), msg("Lyon."))]
+    assert rows[0].id.endswith("dpo.jsonl:1")
+    assert load_preference_rows(Data(dir=str(tmp_path)), "eval", "dpo") == []
+    with pytest.raises(UserError, match="no train/kto.jsonl.*thumbs up/down"):
+        load_preference_rows(Data(dir=str(tmp_path)), "train", "kto")
+
+
+def test_trl_implicit_prompt_is_the_shared_leading_messages():
+    row = parse_preference_row({"chosen": PROMPT + msg("Paris."), "rejected": PROMPT + msg("Lyon.")}, "dpo", "f:1")
+    assert (row.prompt, row.chosen, row.rejected) == (PROMPT, msg("Paris."), msg("Lyon."))
+
+
+def test_string_rows_and_kto_rows():
+    row = parse_preference_row({"prompt": "Capital?", "chosen": "Paris.", "rejected": "Lyon."}, "dpo", "f:1")
+    assert (row.prompt, row.chosen, row.rejected) == ("Capital?", "Paris.", "Lyon.")
+    kto = parse_preference_row({"prompt": PROMPT, "completion": msg("Paris."), "label": False}, "kto", "f:2")
+    assert (kto.chosen, kto.label) == (msg("Paris."), False)
+
+
+def test_every_bad_row_is_reported_with_file_line_and_fix(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": PROMPT, "chosen": msg("a")},
+        {"prompt": PROMPT, "completion": msg("a"), "label": True},
+        "{not json",
+        {"prompt": PROMPT, "chosen": [{"role": "user", "content": "x"}], "rejected": msg("b")},
+        {"prompt": PROMPT, "chosen": msg("a"), "rejected": msg("b")},
+    ])
+    with pytest.raises(InputError) as e:
+        load_preference_rows(Data(train=[str(path)]), "train", "dpo")
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith(f"{path}:1: ") and "`chosen` and `rejected`" in lines[0]
+    assert lines[1].startswith(f"{path}:2: ") and "edgetune kto" in lines[1]
+    assert lines[2].startswith(f"{path}:3: ")
+    assert lines[3].startswith(f"{path}:4: ") and "must end with an assistant message" in lines[3]
+    with pytest.raises(InputError, match=r":1: .*`label` must be true"):
+        load_preference_rows(Data(train=[str(write_jsonl(tmp_path / "k.jsonl", [
+            {"prompt": PROMPT, "completion": msg("a"), "label": "yes"}]))]), "train", "kto")
+
+
+# --- tokenising and batching (tiny model's ChatML tokenizer) --------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_pair_shares_the_prompt_and_supervises_each_completion_to_end_of_turn(tokenizer):
+    row = parse_preference_row({"prompt": PROMPT, "chosen": msg("Paris."), "rejected": msg("Lyon, I think.")},
+                               "dpo", "f:1")
+    (pair,), stats = tokenize_pairs([row], tokenizer, 512, "left", 10**6)
+    c, r = pair.chosen, pair.rejected
+    assert c.prompt_len == r.prompt_len and list(c.tokens[: c.prompt_len]) == list(r.tokens[: r.prompt_len])
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert c.tokens[-1] == end and r.tokens[-1] == end
+    assert tokenizer.decode(list(c.tokens[c.prompt_len:])) == "Paris.<|im_end|>"
+    assert stats["kept"] == 1 and stats["truncated"] == 0
+
+
+def test_over_long_pair_loses_the_same_prompt_start_on_both_sides_or_is_dropped(tokenizer):
+    row = parse_preference_row({"prompt": PROMPT, "chosen": msg("Paris."), "rejected": msg("Lyon, I think.")},
+                               "dpo", "f:1")
+    (full,), _ = tokenize_pairs([row], tokenizer, 512, "left", 10**6)
+    limit = len(full.rejected.tokens) - 5
+    (cut,), stats = tokenize_pairs([row], tokenizer, limit, "left", 10**6)
+    assert stats["truncated"] == 1 and len(cut.rejected.tokens) == limit
+    assert len(cut.chosen.tokens) == len(full.chosen.tokens) - 5
+    assert cut.chosen.prompt_len == cut.rejected.prompt_len == full.chosen.prompt_len - 5
+    kept, stats = tokenize_pairs([row], tokenizer, limit, "drop", 10**6)
+    assert kept == [] and stats["dropped"] == 1
+
+
+def test_unpaired_rows_keep_their_labels(tokenizer):
+    rows = [parse_preference_row({"prompt": PROMPT, "completion": msg(t), "label": lab}, "kto", f"f:{i}")
+            for i, (t, lab) in enumerate([("Paris.", True), ("Lyon.", False)])]
+    examples, labels, stats = tokenize_unpaired(rows, tokenizer, 512, "left", 10**6)
+    assert labels == [True, False] and (stats["desirable"], stats["undesirable"]) == (1, 1)
+    assert len(examples) == 2
+
+
+def test_group_batches_is_a_pure_function_of_seed_and_epoch_and_groups_lengths():
+    lengths = [5, 50, 6, 51, 7, 52]
+    a = group_batches(lengths, 2, seed=3, epoch=1)
+    assert a == group_batches(lengths, 2, seed=3, epoch=1)
+    assert sorted(i for g in a for i in g) == list(range(6))
+    assert sorted(sorted(lengths[i] for i in g) for g in a) == [[5, 6], [7, 50], [51, 52]]
+
+
+# --- KTO balance, init_from, recipe sections ------------------------------------------------------
+
+def test_kto_imbalance_warning_suggests_weights():
+    assert kto_balance_warning(10, 10, 1.0, 1.0) is None
+    assert kto_balance_warning(12, 10, 1.0, 1.0) is None  # ratio 1.2 is in [1, 4/3]
+    low = kto_balance_warning(10, 40, 1.0, 1.0)
+    assert "ratio 0.25" in low and "--set kto.desirable_weight=4" in low
+    high = kto_balance_warning(40, 10, 1.0, 1.0)
+    assert "ratio 4.00" in high and "--set kto.undesirable_weight=4" in high
+    assert "no undesirable" in kto_balance_warning(5, 0, 1.0, 1.0)
+
+
+def test_init_from_accepts_a_run_folder_or_adapter_folder_and_names_the_problem(tmp_path):
+    assert resolve_init_adapter("base") is None
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapters.safetensors").write_bytes(b"")
+    assert resolve_init_adapter(str(tmp_path / "run")) == adapter
+    assert resolve_init_adapter(str(adapter)) == adapter
+    with pytest.raises(UserError, match="run `edgetune sft` first"):
+        resolve_init_adapter(str(tmp_path))
+    spec = spec_from_adapter({"num_layers": 2, "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.1,
+                                                                   "keys": ["self_attn.q_proj"]}}, adapter)
+    assert (spec.rank, spec.alpha, spec.dropout, spec.targets, spec.layers) == (4, 8.0, 0.1, ("self_attn.q_proj",), 2)
+    with pytest.raises(UserError, match="adapter_config.json: not a LoRA adapter config"):
+        spec_from_adapter({"num_layers": 2}, adapter)
+
+
+def test_preference_sections_share_training_keys_and_check_their_own(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: ./m\noutput: run\ndata: d\ndpo:\n  steps: 3\n  init_from: ./sft-run\n"
+                    "kto:\n  epochs: 1\n  desirable_weight: 2\norpo:\n  steps: 2\n")
+    r = load_recipe(path)
+    assert (r.dpo.beta, r.dpo.loss, r.dpo.label_smoothing, r.dpo.lora.rank) == (0.1, "sigmoid", 0.0, 8)
+    assert r.dpo.init_from == str(tmp_path / "sft-run") and r.kto.init_from == "base"
+    assert (r.kto.desirable_weight, r.kto.undesirable_weight, r.orpo.beta) == (2.0, 1.0, 0.1)
+    path.write_text("model: ./m\noutput: run\ndata: d\ndpo:\n  beta: 0\n  loss: ipo\n  label_smoothing: 0.1\n"
+                    "  packing: true\n  stepz: 3\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    text = str(e.value)
+    for needed in ("dpo.beta: must be greater than 0", "dpo.label_smoothing: applies to the sigmoid loss only",
+                   "dpo.packing: not supported", "dpo.stepz: unknown key; did you mean dpo.steps?",
+                   "dpo.steps: set exactly one of dpo.steps and dpo.epochs"):
+        assert needed in text, text
+
+
+def test_missing_stage_section_is_a_user_error_through_the_cli(tmp_path):
+    from tests.test_sft_e2e import edgetune
+
+    (tmp_path / "r.yaml").write_text("model: ./m\noutput: run\ndata: d\nsft:\n  steps: 3\n")
+    res = edgetune("dpo", str(tmp_path / "r.yaml"))
+    assert res.returncode == 2 and "no `dpo:` section" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_reference_file_is_keyed_by_a_fingerprint_of_rows(tmp_path):
+    from edgetune.pref_data import rows_fingerprint
+    from edgetune.sft_data import TokenizedExample
+
+    a = [TokenizedExample("x", np.array([1, 2, 3], np.int32), 1)]
+    b = [TokenizedExample("x", np.array([1, 2, 3], np.int32), 2)]
+    assert rows_fingerprint(a) == rows_fingerprint(list(a)) != rows_fingerprint(b)
+
+
+def test_resume_refuses_a_changed_reference(tmp_path):
+    from edgetune.preference import _check_same_reference
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"reference_fingerprint": "abc"}))
+    _check_same_reference(manifest, "abc", resume=True)
+    _check_same_reference(manifest, "other", resume=False)  # a fresh run replaces the folder anyway
+    with pytest.raises(UserError, match="cannot resume: the model, the init_from adapter or the tokenised data"):
+        _check_same_reference(manifest, "other", resume=True)
+
+
+def test_stale_reference_file_is_recomputed_and_a_matching_one_reused(tmp_path, tiny_model_dir, tokenizer):
+    from edgetune.models import load_for_training
+    from edgetune.preference import PreferenceData, load_or_compute_reference
+    from edgetune.runtime import mlx_core
+
+    mx = mlx_core()
+    rows = [parse_preference_row({"prompt": PROMPT, "chosen": msg("Paris."), "rejected": msg("Lyon.")}, "dpo", "f:1")]
+    pairs, _ = tokenize_pairs(rows, tokenizer, 512, "left", 10**6)
+    data = PreferenceData({"train": [pairs[0].chosen, pairs[0].rejected], "eval": []}, 2, {}, {}, {})
+    model = load_for_training(str(tiny_model_dir)).model
+    path = tmp_path / "reference_logps.safetensors"
+    mx.save_safetensors(str(path), {"train": mx.array([0.0, 0.0])}, metadata={"fingerprint": "old"})
+    said = []
+    fresh = load_or_compute_reference(path, "new", model, data, 2, said.append)
+    assert any("recomputing" in m for m in said) and np.all(fresh["train"] < 0)
+    said.clear()
+    again = load_or_compute_reference(path, "new", model, data, 2, said.append)
+    assert any("reusing" in m for m in said) and not any("scored" in m for m in said)
+    np.testing.assert_array_equal(again["train"], fresh["train"])
