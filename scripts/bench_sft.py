@@ -15,7 +15,9 @@ logs). Examples longer than --max-seq-len are dropped (and redrawn) before
 either tool sees them, so neither truncates.
 
 Equal work: one epoch over the same N examples (N a multiple of the batch
-size). `--batch-size B` is B rows per step for both; edgetune packs several
+size). `--batch-size B` is B rows per step for both; edgetune (default,
+length-grouped batches) puts one example per row like mlx-lm, but groups
+similar lengths; with `--packing` edgetune packs several
 examples into each row of --max-seq-len positions, mlx-lm puts one example in
 each row (padded to the longest in the batch, rounded up to 32), so edgetune
 takes fewer steps for the same examples.
@@ -223,7 +225,7 @@ def run_edgetune(work: Path, tag: str, model: Path, train_file: Path, args) -> d
         "sft": {
             "epochs": 1, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
             "learning_rate": args.learning_rate, "lr_schedule": "constant", "weight_decay": 0.0,
-            "truncation": "drop", "packing": True, "seed": args.seed, "save_every": 0,
+            "truncation": "drop", "packing": args.packing, "seed": args.seed, "save_every": 0,
             "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "dropout": 0.0, "targets": list(TARGETS),
                      "layers": "all"},
         },
@@ -452,6 +454,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="instead of --examples: mlx-lm iterations; examples = steps x batch size")
     p.add_argument("--batch-size", type=int, default=4, help="rows per step for both tools")
     p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--packing", action="store_true",
+                   help="edgetune packs several examples per row (default: its length-grouped batches)")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1,
