@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.errors import UserError
-from edgetune.fileio import atomic_write, write_json
+from edgetune.fileio import write_json
 from edgetune.runtime import mlx_core
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -8,7 +8,6 @@ the recipe asks for it, because it runs arbitrary Python from the hub.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +70,7 @@ def load_for_training(name_or_path: str, quantize: str | None = None, revision: 
                       trust_remote_code: bool = False) -> LoadedModel:
     """Load model + tokenizer, cast for the device, optionally quantize (QLoRA)."""
     mx = mlx_core()
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model, load_tokenizer, quantize_model
 
     path = resolve_model_path(name_or_path, revision, trust_remote_code)

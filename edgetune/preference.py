@@ -23,15 +23,14 @@ from typing import Callable
 
 import numpy as np
 
-from edgetune import checkpoint as ckpt
 from edgetune.errors import UserError
 from edgetune.fileio import sha256_file, write_json
 from edgetune.losses import dpo_loss, kto_loss, orpo_loss, token_logprobs
 from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, read_adapter_config, save_adapter, trainable_count
 from edgetune.runtime import blas_info, mlx_core
 from edgetune.sft import selected_logits, to_micro_batch
-from edgetune.stage import MetricsFile, check_resumable, environment, prepare_run_folder
-from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, restore, train
+from edgetune.stage import environment, prepare_run_folder, start_or_resume
+from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
 
 mx = mlx_core()
 import mlx.optimizers as optim  # noqa: E402
@@ -343,17 +342,7 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
         "trainable_parameters": trainable_count(model),
         "environment": environment(),
     }
-    state = ckpt.TrainerState(step=0, cursor=0)
-    if resume:
-        found = ckpt.latest_valid(checkpoints, warn=lambda m: echo(f"warning: {m}"))
-        if found is not None:
-            check_resumable(out / "manifest.json", manifest, stage)
-            state = restore(found, model, optimizer, lambda f: load_adapter_weights(model, f))
-            echo(f"resuming from {found.name} (step {state.step}, {state.cursor} micro-batches consumed)")
-        else:
-            echo("no complete checkpoint found: starting from step 0")
-    write_json(out / "manifest.json", manifest)
-    metrics = MetricsFile(out / "metrics.jsonl", keep_until_step=state.step)
+    state, metrics = start_or_resume(out, manifest, stage, resume, model, optimizer, echo)
 
     loss_fn = make_loss_fn(stage, cfg)
     eval_groups = group_batches(data.lengths("eval"), cfg.batch_size, cfg.seed, 0) if data.rows["eval"] else []

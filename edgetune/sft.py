@@ -16,15 +16,14 @@ from typing import Callable
 
 import numpy as np
 
-from edgetune import checkpoint as ckpt
 from edgetune.errors import UserError
 from edgetune.fileio import sha256_file, write_json
 from edgetune.losses import sft_loss
-from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, save_adapter, trainable_count
+from edgetune.lora import LoraSpec, attach_lora, save_adapter, trainable_count
 from edgetune.packing import check_packing_supported, packing_caches
 from edgetune.runtime import blas_info, mlx_core
-from edgetune.stage import MetricsFile, check_resumable, environment, prepare_run_folder
-from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, restore, train
+from edgetune.stage import environment, prepare_run_folder, start_or_resume
+from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
 
 mx = mlx_core()
 import mlx.optimizers as optim  # noqa: E402
@@ -158,7 +157,6 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     schedule = make_schedule(cfg.lr_schedule, cfg.learning_rate, steps, cfg.warmup_steps, cfg.min_lr_ratio)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
-    mx.random.seed(cfg.seed)  # dropout stream; restored from the checkpoint on resume
 
     manifest = {
         "stage": "sft",
@@ -172,17 +170,7 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
         "trainable_parameters": trainable_count(model),
         "environment": environment(),
     }
-    state = ckpt.TrainerState(step=0, cursor=0)
-    if resume:
-        found = ckpt.latest_valid(checkpoints, warn=lambda m: echo(f"warning: {m}"))
-        if found is not None:
-            check_resumable(out / "manifest.json", manifest, "sft")
-            state = restore(found, model, optimizer, lambda f: load_adapter_weights(model, f))
-            echo(f"resuming from {found.name} (step {state.step}, {state.cursor} micro-batches consumed)")
-        else:
-            echo("no complete checkpoint found: starting from step 0")
-    write_json(out / "manifest.json", manifest)
-    metrics = MetricsFile(out / "metrics.jsonl", keep_until_step=state.step)
+    state, metrics = start_or_resume(out, manifest, "sft", resume, model, optimizer, echo)
 
     eval_batches = [to_micro_batch(b) for b in make_batches(data.eval, cfg.batch_size, cfg.max_seq_len,
                                                              cfg.packing, cfg.seed, 0)] if data.eval else []

@@ -100,3 +100,25 @@ def environment() -> dict:
         "device": str(mx.default_device()),
         "blas": blas_info(),
     }
+
+
+def start_or_resume(out: Path, manifest: dict, section: str, resume: bool, model, optimizer,
+                    echo) -> tuple:
+    """Restore the newest complete checkpoint when resuming (after checking the recipe and
+    data did not change), write the manifest, and open metrics.jsonl at the resumed step."""
+    from edgetune import checkpoint as ckpt
+    from edgetune.fileio import write_json
+    from edgetune.lora import load_adapter_weights
+    from edgetune.trainer import restore
+
+    state = ckpt.TrainerState(step=0, cursor=0)
+    if resume:
+        found = ckpt.latest_valid(out / "checkpoints", warn=lambda m: echo(f"warning: {m}"))
+        if found is not None:
+            check_resumable(out / "manifest.json", manifest, section)
+            state = restore(found, model, optimizer, lambda f: load_adapter_weights(model, f))
+            echo(f"resuming from {found.name} (step {state.step}, {state.cursor} micro-batches consumed)")
+        else:
+            echo("no complete checkpoint found: starting from step 0")
+    write_json(out / "manifest.json", manifest)
+    return state, MetricsFile(out / "metrics.jsonl", keep_until_step=state.step)
