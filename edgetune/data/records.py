@@ -97,8 +97,10 @@ Record = Union[Conversation, FeedbackRecord, Comparison]
 # Treat them as read-only all the same.
 
 
-class _Bad(Exception):
-    """Internal: carries the reason out of nested field checks."""
+class Bad(Exception):
+    """A record (or importer line) that breaks the format; the message is the reason.
+
+    Shared with the importers (`importers/_common.py`), so both name problems the same way."""
 
 
 def normalize_rating(value) -> str | None:
@@ -138,7 +140,7 @@ def validate_record(obj: dict) -> str | None:
             return f"type: missing (expected {'|'.join(RECORD_TYPES)})"
         else:
             return f"type: unknown type {kind!r} (expected {'|'.join(RECORD_TYPES)})"
-    except _Bad as e:
+    except Bad as e:
         return str(e)
     return None
 
@@ -166,30 +168,31 @@ def _feedback(obj: dict | None) -> Feedback | None:
                     obj.get("comment"))
 
 
-# --- checks: each raises _Bad with the reason ------------------------------------
+# --- checks: each raises Bad with the reason ------------------------------------
 
-def _describe(value) -> str:
+def describe(value) -> str:
+    """How a JSON value is named in reasons: 'a string', 'null', 'an object'."""
     if value is None:
         return "null"
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
             list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _required_str(obj: dict, key: str, where: str = "") -> str:
+def required_str(obj: dict, key: str, where: str = "") -> str:
     value = obj.get(key)
     if value is None:
-        raise _Bad(f"{where}{key}: missing")
+        raise Bad(f"{where}{key}: missing")
     if type(value) is not str:
-        raise _Bad(f"{where}{key}: expected a string, got {_describe(value)}")
+        raise Bad(f"{where}{key}: expected a string, got {describe(value)}")
     if not value:
-        raise _Bad(f"{where}{key}: must not be empty")
+        raise Bad(f"{where}{key}: must not be empty")
     return value
 
 
 def _optional_str(obj: dict, key: str, where: str = "") -> None:
     value = obj.get(key)
     if value is not None and type(value) is not str:
-        raise _Bad(f"{where}{key}: expected a string, got {_describe(value)}")
+        raise Bad(f"{where}{key}: expected a string, got {describe(value)}")
 
 
 def _check_content(obj: dict, where: str) -> None:
@@ -197,8 +200,8 @@ def _check_content(obj: dict, where: str) -> None:
     if type(value) is str:
         return
     if value is None and "content" not in obj:
-        raise _Bad(f"{where}content: missing")
-    raise _Bad(f"{where}content: expected a string, got {_describe(value)}")
+        raise Bad(f"{where}content: missing")
+    raise Bad(f"{where}content: expected a string, got {describe(value)}")
 
 
 def _check_role(obj: dict, where: str) -> str:
@@ -206,8 +209,8 @@ def _check_role(obj: dict, where: str) -> str:
     if role in ROLES:
         return role
     if role is None:
-        raise _Bad(f"{where}role: missing (expected {'|'.join(ROLES)})")
-    raise _Bad(f"{where}role: unknown role {role!r} (expected {'|'.join(ROLES)})")
+        raise Bad(f"{where}role: missing (expected {'|'.join(ROLES)})")
+    raise Bad(f"{where}role: unknown role {role!r} (expected {'|'.join(ROLES)})")
 
 
 def _message_list(obj: dict, key: str) -> list:
@@ -215,22 +218,22 @@ def _message_list(obj: dict, key: str) -> list:
     if type(value) is list and value:
         return value
     if value is None:
-        raise _Bad(f"{key}: missing")
+        raise Bad(f"{key}: missing")
     if type(value) is not list:
-        raise _Bad(f"{key}: expected a list of messages, got {_describe(value)}")
-    raise _Bad(f"{key}: must not be empty")
+        raise Bad(f"{key}: expected a list of messages, got {describe(value)}")
+    raise Bad(f"{key}: must not be empty")
 
 
 def _object(value, where: str) -> dict:
     if type(value) is not dict:
-        raise _Bad(f"{where}: expected an object, got {_describe(value)}")
+        raise Bad(f"{where}: expected an object, got {describe(value)}")
     return value
 
 
 def _check_feedback_fields(obj: dict, where: str) -> None:
     rating = obj.get("rating")
     if rating is not None and normalize_rating(rating) is None:
-        raise _Bad(f"{where}rating: unknown rating {rating!r} ({_RATING_HELP})")
+        raise Bad(f"{where}rating: unknown rating {rating!r} ({_RATING_HELP})")
     _optional_str(obj, "edited_content", where)
     _optional_str(obj, "comment", where)
 
@@ -241,14 +244,14 @@ def _check_common(obj: dict) -> None:
     _optional_str(obj, "timestamp")
     metadata = obj.get("metadata")
     if metadata is not None and type(metadata) is not dict:
-        raise _Bad(f"metadata: expected an object, got {_describe(metadata)}")
+        raise Bad(f"metadata: expected an object, got {describe(metadata)}")
 
 
 _ROLE_SET = frozenset(ROLES)
 
 
 def _check_conversation(obj: dict) -> None:
-    _required_str(obj, "conversation_id")
+    required_str(obj, "conversation_id")
     _check_common(obj)
     raw = _message_list(obj, "messages")
     roles: dict[str, str] = {}  # id -> role, for duplicates and `corrects`
@@ -263,14 +266,14 @@ def _check_conversation(obj: dict) -> None:
             _object(m, f"messages[{i}]")
         if mid in roles:
             first = next(j for j, n in enumerate(raw) if n.get("id") == mid)
-            raise _Bad(f"messages[{i}].id: duplicate id {mid!r} (first at messages[{first}])")
+            raise Bad(f"messages[{i}].id: duplicate id {mid!r} (first at messages[{first}])")
         if role == "system" and i:
-            raise _Bad(f"messages[{i}].role: a system message may only come first")
+            raise Bad(f"messages[{i}].role: a system message may only come first")
         if len(m) > 3:  # more keys than id, role and content (checked above): maybe a signal
             feedback = m.get("feedback")
             if feedback is not None:
                 if role != "assistant":
-                    raise _Bad(f"messages[{i}].feedback: only assistant messages carry feedback "
+                    raise Bad(f"messages[{i}].feedback: only assistant messages carry feedback "
                                f"(this one is {role})")
                 _check_feedback_fields(_object(feedback, f"messages[{i}].feedback"), f"messages[{i}].feedback.")
             corrects = m.get("corrects")
@@ -280,64 +283,64 @@ def _check_conversation(obj: dict) -> None:
 
 
 def _check_message_fields(m: dict, where: str) -> None:
-    _required_str(m, "id", where)
+    required_str(m, "id", where)
     _check_role(m, where)
     _check_content(m, where)
 
 
 def _check_corrects(corrects, role: str, earlier: dict[str, str], later: list, where: str) -> None:
     if role != "assistant":
-        raise _Bad(f"{where}corrects: only assistant messages can correct (this one is {role})")
+        raise Bad(f"{where}corrects: only assistant messages can correct (this one is {role})")
     if type(corrects) is not str:
-        raise _Bad(f"{where}corrects: expected a message id string, got {_describe(corrects)}")
+        raise Bad(f"{where}corrects: expected a message id string, got {describe(corrects)}")
     target = earlier.get(corrects)
     if target is None:
         comes_later = any(type(n) is dict and n.get("id") == corrects for n in later)
         hint = "it comes later; corrects must name an earlier message" if comes_later else "no such message"
-        raise _Bad(f"{where}corrects: {corrects!r} points nowhere ({hint})")
+        raise Bad(f"{where}corrects: {corrects!r} points nowhere ({hint})")
     if target != "assistant":
-        raise _Bad(f"{where}corrects: {corrects!r} is a {target} message; "
+        raise Bad(f"{where}corrects: {corrects!r} is a {target} message; "
                    "corrects must name an earlier assistant message")
 
 
 def _check_feedback_record(obj: dict) -> None:
-    _required_str(obj, "conversation_id")
-    _required_str(obj, "message_id")
+    required_str(obj, "conversation_id")
+    required_str(obj, "message_id")
     _optional_str(obj, "timestamp")
     _check_feedback_fields(obj, "")
     if all(obj.get(k) is None for k in ("rating", "edited_content", "comment")):
-        raise _Bad("feedback: no signal (expected at least one of rating, edited_content, comment)")
+        raise Bad("feedback: no signal (expected at least one of rating, edited_content, comment)")
 
 
 def _check_comparison(obj: dict) -> None:
-    _required_str(obj, "comparison_id")
+    required_str(obj, "comparison_id")
     _check_common(obj)
     for i, m in enumerate(_message_list(obj, "prompt")):
         m = _object(m, f"prompt[{i}]")
         role = _check_role(m, f"prompt[{i}].")
         if role == "system" and i:
-            raise _Bad(f"prompt[{i}].role: a system message may only come first")
+            raise Bad(f"prompt[{i}].role: a system message may only come first")
         _check_content(m, f"prompt[{i}].")
     raw = obj.get("responses")
     if raw is None:
-        raise _Bad("responses: missing")
+        raise Bad("responses: missing")
     if type(raw) is not list:
-        raise _Bad(f"responses: expected a list of two responses, got {_describe(raw)}")
+        raise Bad(f"responses: expected a list of two responses, got {describe(raw)}")
     if len(raw) != 2:
-        raise _Bad(f"responses: expected exactly two responses, got {len(raw)}")
+        raise Bad(f"responses: expected exactly two responses, got {len(raw)}")
     ids = []
     for i, r in enumerate(raw):
         r = _object(r, f"responses[{i}]")
-        rid = _required_str(r, "id", f"responses[{i}].")
+        rid = required_str(r, "id", f"responses[{i}].")
         if rid == TIE:
-            raise _Bad(f"responses[{i}].id: 'tie' is reserved for `preferred`; rename this response")
+            raise Bad(f"responses[{i}].id: 'tie' is reserved for `preferred`; rename this response")
         _check_content(r, f"responses[{i}].")
         ids.append(rid)
     if ids[0] == ids[1]:
-        raise _Bad(f"responses[1].id: duplicate id {ids[1]!r}")
+        raise Bad(f"responses[1].id: duplicate id {ids[1]!r}")
     preferred = obj.get("preferred")
     if preferred is None:
-        raise _Bad("preferred: missing")
+        raise Bad("preferred: missing")
     if type(preferred) is not str or preferred not in (ids[0], ids[1], TIE):
-        raise _Bad(f"preferred: {preferred!r} is not a response id "
+        raise Bad(f"preferred: {preferred!r} is not a response id "
                    f"(expected {ids[0]!r}, {ids[1]!r} or \"tie\")")

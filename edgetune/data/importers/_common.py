@@ -30,27 +30,8 @@ DOWN_LABELS = frozenset({"down", "thumbs_down", "thumbsdown", "👎", "bad", "ne
 _LABEL_HELP = "a rating label such as up/down, thumbs_up/thumbs_down, good/bad, correct/incorrect, yes/no"
 
 
-class Bad(Exception):
-    """A line that cannot be converted; the message is the `Invalid` reason."""
-
-
-def describe(value) -> str:
-    """How a JSON value is named in reasons: 'a string', 'null', 'an object'."""
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def required_str(obj: dict, key: str, where: str = "") -> str:
-    value = obj.get(key)
-    if value is None:
-        raise Bad(f"{where}{key}: missing")
-    if type(value) is not str:
-        raise Bad(f"{where}{key}: expected a string, got {describe(value)}")
-    if not value:
-        raise Bad(f"{where}{key}: must not be empty")
-    return value
+# The v1 record checks and the importers report problems the same way.
+from edgetune.data.records import Bad, describe, required_str  # noqa: E402,F401
 
 
 def optional_str(obj: dict, key: str, where: str = "") -> str | None:
