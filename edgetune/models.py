@@ -101,3 +101,12 @@ def load_for_training(name_or_path: str, quantize: str | None = None, revision: 
         why += f"; base is {config['quantization'].get('bits')}-bit quantized (QLoRA)"
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, path, config, str(dtype or "stored"), why)
+
+
+def load_recipe_model(recipe, echo) -> LoadedModel:
+    """Load the recipe's base model for a training stage and say what was chosen and why."""
+    from edgetune.runtime import blas_info
+
+    loaded = load_for_training(recipe.model, recipe.quantize, recipe.revision, recipe.trust_remote_code)
+    echo(f"model: {recipe.model} ({loaded.config.get('model_type')}); {loaded.why_dtype}; BLAS: {blas_info()['why']}")
+    return loaded

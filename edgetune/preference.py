@@ -27,7 +27,7 @@ from edgetune.errors import UserError
 from edgetune.fileio import sha256_file, write_json
 from edgetune.losses import dpo_loss, kto_loss, orpo_loss, token_logprobs
 from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, read_adapter_config, save_adapter, trainable_count
-from edgetune.runtime import blas_info, mlx_core
+from edgetune.runtime import mlx_core
 from edgetune.sft import selected_logits, to_micro_batch
 from edgetune.stage import environment, prepare_run_folder, start_or_resume
 from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
@@ -244,7 +244,7 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     """Train `stage` ("dpo", "kto" or "orpo") per the recipe's section of that name; returns the
     summary (also written to summary.json). Raises UserError for a missing section, bad data or
     init_from, and the shared loop's errors."""
-    from edgetune.models import load_for_training
+    from edgetune.models import load_recipe_model
     from edgetune.recipe import recipe_to_dict
     from edgetune.sft_data import collate
 
@@ -256,9 +256,8 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     checkpoints = out / "checkpoints"
     prepare_run_folder(out, resume, force)
 
-    loaded = load_for_training(recipe.model, recipe.quantize, recipe.revision, recipe.trust_remote_code)
+    loaded = load_recipe_model(recipe, echo)
     model, tokenizer = loaded.model, loaded.tokenizer
-    echo(f"model: {recipe.model} ({loaded.config.get('model_type')}); {loaded.why_dtype}; BLAS: {blas_info()['why']}")
     data = prepare_data(recipe, stage, tokenizer, loaded.config["vocab_size"], echo)
     if stage == "kto":
         labels = data.labels["train"]

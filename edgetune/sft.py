@@ -21,7 +21,7 @@ from edgetune.fileio import sha256_file, write_json
 from edgetune.losses import sft_loss
 from edgetune.lora import LoraSpec, attach_lora, save_adapter, trainable_count
 from edgetune.packing import check_packing_supported, packing_caches
-from edgetune.runtime import blas_info, mlx_core
+from edgetune.runtime import mlx_core
 from edgetune.stage import environment, prepare_run_folder, start_or_resume
 from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
 
@@ -113,7 +113,7 @@ def _data_files(data) -> list[Path]:
 
 def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Train per `recipe`; returns the summary dict (also written to summary.json)."""
-    from edgetune.models import load_for_training
+    from edgetune.models import load_recipe_model
     from edgetune.recipe import recipe_to_dict
     from edgetune.sft_data import make_batches, padding_fraction
 
@@ -122,9 +122,8 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     checkpoints = out / "checkpoints"
     prepare_run_folder(out, resume, force)
 
-    loaded = load_for_training(recipe.model, recipe.quantize, recipe.revision, recipe.trust_remote_code)
+    loaded = load_recipe_model(recipe, echo)
     model, tokenizer = loaded.model, loaded.tokenizer
-    echo(f"model: {recipe.model} ({loaded.config.get('model_type')}); {loaded.why_dtype}; BLAS: {blas_info()['why']}")
     if cfg.packing:
         check_packing_supported(loaded.config.get("model_type", "?"))
     data = prepare_data(recipe, tokenizer, loaded.config["vocab_size"], echo)
