@@ -30,8 +30,12 @@ def sft_loss(logits, targets, weights):
     Returns (loss_sum, n_tokens). Example: logits [[0, ln 3]] (p = 1/4, 3/4),
     target 1, weight 1 -> loss_sum = -ln(3/4) = 0.2877, n_tokens = 1.
     """
-    nll = -token_logprobs(logits, targets)
-    return (nll * weights).sum(), weights.sum()
+    return sft_loss_from_logprobs(token_logprobs(logits, targets), weights)
+
+
+def sft_loss_from_logprobs(logps, weights):
+    """`sft_loss` from per-position log p(target) [N] (for heads that never form full logits)."""
+    return -(logps * weights).sum(), weights.sum()
 
 
 # --- preference losses over per-sequence completion log-probs -------------------------------------

@@ -24,11 +24,12 @@ from typing import Callable
 import numpy as np
 
 from edgetune.errors import UserError
+from edgetune.kernels import training_kernels
 from edgetune.fileio import sha256_file, write_json
-from edgetune.losses import dpo_loss, kto_loss, orpo_loss, token_logprobs
+from edgetune.losses import dpo_loss, kto_loss, orpo_loss
 from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, read_adapter_config, save_adapter, trainable_count
 from edgetune.runtime import mlx_core
-from edgetune.sft import selected_logits, to_micro_batch
+from edgetune.sft import target_logprobs, to_micro_batch
 from edgetune.stage import environment, prepare_run_folder, start_or_resume
 from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
 
@@ -49,7 +50,7 @@ def sequence_logprobs(model, tokens, select, targets, weights):
     `select`/`targets`/`weights` are `sft.to_micro_batch`'s flat supervised positions of the [R, T]
     batch; the row of a flat position is `position // T` (padding entries have weight 0).
     """
-    lp = token_logprobs(selected_logits(model, tokens, select), targets) * weights
+    lp = target_logprobs(model, tokens, select, targets) * weights
     rows = select // tokens.shape[1]
     zeros = mx.zeros((tokens.shape[0],), mx.float32)
     return zeros.at[rows].add(lp), zeros.at[rows].add(weights)
@@ -186,8 +187,10 @@ def compute_reference(model, rows, batch_size: int, echo, label: str) -> np.ndar
     done, next_report, started = 0, 0.1, time.perf_counter()
     for group in groups:
         mb = to_micro_batch(collate([[rows[i]] for i in group]))
-        logps, _ = sequence_logprobs(model, *mb.arrays[:4])
-        out[group] = np.array(logps)
+        # The same kernels as the training loop, so the policy equals its reference exactly at step 0.
+        with training_kernels(model):
+            logps, _ = sequence_logprobs(model, *mb.arrays[:4])
+            out[group] = np.array(logps)
         done += len(group)
         if done / len(rows) >= next_report or done == len(rows):
             echo(f"reference {label}: {done}/{len(rows)} completions scored ({time.perf_counter() - started:.1f} s)")

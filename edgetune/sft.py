@@ -18,7 +18,7 @@ import numpy as np
 
 from edgetune.errors import UserError
 from edgetune.fileio import sha256_file, write_json
-from edgetune.losses import sft_loss
+from edgetune.losses import sft_loss_from_logprobs, token_logprobs
 from edgetune.lora import LoraSpec, attach_lora, save_adapter, trainable_count
 from edgetune.packing import check_packing_supported, packing_caches
 from edgetune.runtime import mlx_core
@@ -46,16 +46,19 @@ def output_logits(model, h):
     return model.model.embed_tokens.as_linear(h)
 
 
-def selected_logits(model, tokens, select, segment_ids=None):
-    """Logits only at the flat positions `select` [S] of the [B, T] batch -> [S, V]."""
+def target_logprobs(model, tokens, select, targets, segment_ids=None):
+    """log p(target) at the flat positions `select` [S] of the [B, T] batch -> [S].
+
+    Prompt positions never pay for the vocabulary matmul.
+    """
     h = hidden_states(model, tokens, segment_ids)
     h = h.reshape(-1, h.shape[-1])[select]
-    return output_logits(model, h)
+    return token_logprobs(output_logits(model, h), targets)
 
 
 def sft_loss_fn(model, tokens, select, targets, weights, segment_ids=None):
     """(loss_sum, n_supervised) for one micro-batch; see `losses.sft_loss`."""
-    return sft_loss(selected_logits(model, tokens, select, segment_ids), targets, weights)
+    return sft_loss_from_logprobs(target_logprobs(model, tokens, select, targets, segment_ids), weights)
 
 
 def to_micro_batch(batch) -> MicroBatch:

@@ -22,6 +22,7 @@ from typing import Callable
 from edgetune import checkpoint as ckpt
 from edgetune.errors import UserError
 from edgetune.fileio import atomic_dir
+from edgetune.kernels import KERNELS_NOTE, training_kernels
 from edgetune.runtime import mlx_core
 
 mx = mlx_core()
@@ -151,6 +152,15 @@ def train(
     (written to metrics.jsonl by the caller). Raises UserError after
     `max_nonfinite_steps` consecutive non-finite steps.
     """
+    with training_kernels(model) as fast:
+        if fast:
+            echo(KERNELS_NOTE)
+        return _loop(model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save_adapter, state,
+                     evaluate, report, echo)
+
+
+def _loop(model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save_adapter, state,
+          evaluate, report, echo) -> ckpt.TrainerState:
     grad_step = make_grad_step(model, loss_fn, settings.compile)
     full_state = [model.state, optimizer.state, mx.random.state]
 
