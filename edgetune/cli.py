@@ -14,6 +14,7 @@ import click
 
 from edgetune import __version__
 from edgetune.errors import UserError
+from edgetune.eval.gate import GateFailed
 
 
 class _Group(click.Group):
@@ -25,6 +26,11 @@ class _Group(click.Group):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except GateFailed as e:  # a verdict, not a mistake: the failing checks, and status 1 for CI
+            click.echo(str(e), err=True)
+            if e.report:
+                click.echo(f"report: {e.report}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,9 +48,10 @@ def _register() -> None:
 
     main.add_command(model)
 
-    from edgetune.train_cli import demo, dpo, kto, orpo, sft
+    from edgetune.train_cli import demo, dpo, kto, orpo, run, sft
 
     main.add_command(sft)
+    main.add_command(run)
     main.add_command(demo)
     for command in (dpo, kto, orpo):
         main.add_command(command)
@@ -52,6 +59,18 @@ def _register() -> None:
     from edgetune.recipe import recipe
 
     main.add_command(recipe)
+
+    from edgetune.plan_cli import plan
+
+    main.add_command(plan)
+
+    from edgetune.eval.cli import eval_command
+
+    main.add_command(eval_command)
+
+    from edgetune.export.cli import export
+
+    main.add_command(export)
 
 
 _register()

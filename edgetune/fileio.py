@@ -21,12 +21,19 @@ from typing import IO, Iterator
 from edgetune.errors import UserError
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it, so set it straight back
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temp file next to `path`; on success fsync and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -58,9 +65,7 @@ def atomic_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Path
         raise UserError(f"{final}: already exists; choose another path or pass --force")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     # mkdtemp makes the folder 0700; a dataset or export should get the usual umask mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if final.exists():

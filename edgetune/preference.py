@@ -251,10 +251,20 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     from edgetune.recipe import recipe_to_dict
     from edgetune.sft_data import collate
 
+    from edgetune.recipe import require_data
+
+    require_data(recipe, stage)
     cfg = getattr(recipe, stage)
     if cfg is None:
         raise UserError(f"the recipe has no `{stage}:` section; add one (every key has a default) to run "
                         f"`edgetune {stage}`")
+    # Plan memory before the model loads; fills in `auto` values or refuses a run that cannot fit.
+    from edgetune.plan import apply_memory_limits, previous_section, resolve_auto
+
+    recipe, plan = resolve_auto(recipe, stage, echo=echo, previous=previous_section(
+        Path(recipe.output) / "manifest.json", stage) if resume else None)
+    apply_memory_limits(plan, echo)
+    cfg = getattr(recipe, stage)
     out = Path(recipe.output)
     checkpoints = out / "checkpoints"
     prepare_run_folder(out, resume, force)
@@ -279,6 +289,8 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
         spec = spec_from_adapter(read_adapter_config(init_adapter), init_adapter)
         _warn_other_base(init_adapter, loaded.path, echo)
     adapter_cfg = attach_lora(model, spec, cfg.seed)
+    # Recorded so `edgetune export ADAPTER` finds the base of an adapter copied out of its run.
+    adapter_cfg["base_model"] = recipe.model
     if init_adapter is not None:
         load_adapter_weights(model, init_adapter)
         echo(f"init_from: {init_adapter} (rank {spec.rank}, alpha {spec.alpha:g}, {spec.layers} layers; "
@@ -339,6 +351,7 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
         "init_adapter": str(init_adapter) if init_adapter else None,
         "reference_fingerprint": fingerprint,
         "dtype": loaded.why_dtype,
+        "memory_plan": plan.to_json(),  # the predicted peak by part, and why each `auto` value was chosen
         "steps": steps,
         "batches_per_epoch": per_epoch,
         "trainable_parameters": trainable_count(model),

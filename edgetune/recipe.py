@@ -67,8 +67,8 @@ def _opt(default: Any = None, help: str = "", *, check: Callable | None = None, 
     `_resolve_model`). `shorthand`: a plain string given for this
     section means `{shorthand: string}`. A section (dataclass) default is given as its class."""
     meta = {"help": help, "check": check, "path": path, "required": required, "shorthand": shorthand}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     if isinstance(default, type):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -92,7 +92,9 @@ class SftConfig:
     lora: LoraConfig = _opt(LoraConfig, "LoRA adapter shape")
     steps: Optional[int] = _opt(None, "optimizer steps to run (set this or epochs)", check=_at_least(1))
     epochs: Optional[float] = _opt(None, "passes over the training set (set this or steps)", check=_positive)
-    batch_size: int = _opt(4, "rows per micro-batch (a packed row holds several examples)", check=_at_least(1))
+    batch_size: Union[int, Literal["auto"]] = _opt(
+        4, "rows per micro-batch (a packed row holds several examples); auto: the largest that fits the "
+           "device's memory (`edgetune plan`)", check=lambda v: None if v == "auto" else _at_least(1)(v))
     grad_accumulation: int = _opt(1, "micro-batches per optimizer step", check=_at_least(1))
     learning_rate: float = _opt(1e-4, "peak learning rate", check=_positive)
     warmup_steps: int = _opt(0, "linear warm-up steps from 0 to learning_rate", check=_at_least(0))
@@ -102,15 +104,18 @@ class SftConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay", check=_at_least(0))
     max_grad_norm: Optional[float] = _opt(1.0, "clip the global gradient norm to this; null: no clipping",
                                           check=_positive)
-    max_seq_len: int = _opt(2048, "longest example in tokens; longer ones are truncated or dropped",
-                            check=_at_least(8))
+    max_seq_len: Union[int, Literal["auto"]] = _opt(
+        2048, "longest example in tokens; longer ones are truncated or dropped; auto: the longest of 2048, "
+              "1024, 512, 256 that fits the device's memory", check=lambda v: None if v == "auto" else _at_least(8)(v))
     truncation: Literal["left", "drop"] = _opt("left", "over-long rows: cut the prompt's start, or drop the row")
     # Off by default: MLX attention costs O(row length^2) per row even with a block-diagonal
     # mask, so packing short examples into long rows was 3x slower on CPU (110 vs 320 tok/s,
     # 29M model, log-normal lengths) than length-grouped batches, which waste ~3% on padding.
     packing: bool = _opt(False, "pack several examples per row (attention stays within each example); "
                                 "false: batches of similar-length examples")
-    grad_checkpoint: bool = _opt(False, "recompute activations in the backward pass to save memory")
+    grad_checkpoint: Union[bool, Literal["auto"]] = _opt(
+        False, "recompute activations in the backward pass to save memory; auto: only when the run would not "
+               "fit otherwise")
     seed: int = _opt(0, "seed for LoRA init, dropout and batch order")
     eval_every: int = _opt(0, "evaluate every N steps; 0: only at the end", check=_at_least(0))
     eval_batches: Optional[int] = _opt(None, "evaluate on at most N batches; null: the whole eval split",
@@ -199,6 +204,115 @@ class DataConfig:
 
 
 @dataclass
+class ExportQuantizeConfig:
+    mlx: Literal["4bit", "8bit", "none"] = _opt("4bit", "MLX weights: 4-bit or 8-bit affine groups, or unquantized")
+    gguf: Literal["f16", "q8_0", "q4_0"] = _opt("q8_0", "GGUF tensor type (K-quants: run llama-quantize on an f16 "
+                                                        "export)")
+
+
+@dataclass
+class ExportConfig:
+    formats: list[Literal["mlx", "gguf", "peft", "adapter"]] = _opt(
+        ["mlx"], "what to write, one folder each: mlx (mlx-lm, LM Studio), gguf (llama.cpp, Ollama), "
+                 "peft (transformers, vLLM), adapter (mlx-lm --adapter-path)", check=_non_empty)
+    quantize: ExportQuantizeConfig = _opt(ExportQuantizeConfig, "quantization per format")
+    group_size: int = _opt(64, "MLX quantization group size",
+                           check=lambda v: None if v in (32, 64, 128) else f"must be 32, 64 or 128, got {v}")
+    out: Optional[str] = _opt(None, "folder holding one subfolder per format; null: `export/` in the run folder",
+                              path=True)
+    max_loss_increase: float = _opt(0.05, "warn when quantization raises the eval loss by more than this many "
+                                          "nats per token (0.05: perplexity +5.1%)", check=_at_least(0))
+
+    def cross_check(self) -> list[tuple[str, str]]:
+        twice = sorted({f for f in self.formats if self.formats.count(f) > 1})
+        return [("export.formats", f"{', '.join(twice)} listed twice; list each format once")] if twice else []
+
+
+@dataclass
+class FeedbackConfig:
+    logs: list[str] = _opt([], "feedback logs to build the datasets from (JSONL, .gz, globs); `edgetune run` "
+                               "builds them into {output}/data", path=True, check=_non_empty, required=True)
+    format: Literal["v1", "langfuse", "langsmith", "openai"] = _opt("v1", "log format: edgetune feedback v1, "
+                                                                          "or an importer")
+    eval_fraction: float = _opt(0.1, "share of conversations held out for evaluation", check=_below_one)
+    seed: int = _opt(0, "seed of the train/eval split and of persona down-sampling")
+    skip_invalid: bool = _opt(False, "leave invalid records out (counted in the report) instead of stopping")
+    correction_prompt: Literal["skip-mistake", "merge"] = _opt(
+        "skip-mistake", "corrections: train on the original request (skip-mistake) or merge the user's "
+                        "follow-up clarifications into it (merge)")
+    max_persona_share: Optional[float] = _opt(None, "cap any persona's share of the SFT rows (down-sampling)",
+                                              check=lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}")
+
+
+def _suite_drops(v: dict) -> str | None:
+    bad = [k for k, drop in v.items() if drop < 0]
+    return f"drops must be at least 0 points; {', '.join(bad)} below" if bad else None
+
+
+@dataclass
+class GateConfig:
+    """Release thresholds: `edgetune eval --gate` and `edgetune run` (before export) fail when one is missed.
+    Each compares a judged candidate with the base unless it says otherwise; see edgetune/eval/gate.py."""
+
+    path: Optional[str] = _opt(None, "a gate YAML file holding the keys below (instead of giving them inline)",
+                               path=True)
+    candidates: list[str] = _opt([], "names of the candidates judged (eval table columns); empty: every one "
+                                     "but the base")
+    eval_loss_must_drop: bool = _opt(True, "the eval split's SFT loss must be below the base's")
+    min_eval_loss_drop: float = _opt(0.0, "... by at least this many nats per token", check=_at_least(0))
+    max_suite_drop: Optional[float] = _opt(2.0, "no regression suite may fall more than this many points "
+                                                "(0-100 scale) below the base; null: not checked",
+                                           check=_at_least(0))
+    suite_max_drop: dict[str, float] = _opt({}, "per-suite overrides of max_suite_drop, e.g. {general: 5}",
+                                            check=_suite_drops)
+    min_preference_accuracy: Optional[float] = _opt(None, "held-out DPO pairs: least share with chosen more "
+                                                          "likely than rejected", check=_fraction)
+    min_thumbs_down_share: Optional[float] = _opt(None, "held-out thumbs-down completions: least share made "
+                                                        "less likely than under the base", check=_fraction)
+    max_persona_loss_increase: Optional[float] = _opt(None, "no persona's eval loss may rise above the base's "
+                                                            "by more than this many nats; null: not checked",
+                                                      check=_at_least(0))
+    max_quantization_loss_increase: Optional[float] = _opt(0.05, "a quantized candidate's eval loss may exceed "
+                                                                 "its unquantized reference's by at most this "
+                                                                 "many nats", check=_at_least(0))
+    quantized_reference: dict[str, str] = _opt({}, "quantized candidate -> the candidate it is checked against; "
+                                                   "unlisted: the one unquantized export, else base + adapter")
+
+    def cross_check(self) -> list[tuple[str, str]]:
+        if self.path is None:
+            return []
+        given = [f.name for f in dataclasses.fields(self)
+                 if f.name != "path" and getattr(self, f.name) != _default_of(f)]
+        if given:
+            return [("eval.gate.path", f"give either a gate file or inline thresholds, not both "
+                                       f"({', '.join(given)} set too)")]
+        return []
+
+
+def _default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+@dataclass
+class EvalConfig:
+    suites: list[str] = _opt([], "regression suites: JSONL files of prompts with reference answers (globs)",
+                             path=True)
+    builtin_suite: bool = _opt(True, "also run edgetune's built-in general suite (arithmetic, formatting, "
+                                     "instruction following, short facts)")
+    compare: list[str] = _opt([], "more candidates: model folders (e.g. exports) or adapter folders",
+                              path=True)
+    generations: int = _opt(8, "greedy generations saved for reading, on this many eval prompts",
+                            check=_at_least(0))
+    max_new_tokens: int = _opt(96, "longest generation, in tokens, for saved generations", check=_at_least(1))
+    max_seq_len: Optional[int] = _opt(None, "longest scored row in tokens; null: the training stage's",
+                                      check=_at_least(8))
+    batch_size: int = _opt(8, "rows per scoring batch (length-grouped, as in training)", check=_at_least(1))
+    gate: Optional[GateConfig] = _opt(None, "release thresholds; a string is the path of a gate file",
+                                      shorthand="path")
+    out: Optional[str] = _opt(None, "output folder; null: `eval/` in the run folder", path=True)
+
+
+@dataclass
 class Recipe:
     model: str = _opt(None, "hub id (org/name) or local model folder", path="if_local", required=True)
     revision: Optional[str] = _opt(None, "hub branch, tag or commit (quote all-digit commits)")
@@ -206,14 +320,37 @@ class Recipe:
     quantize: Optional[Literal["q4", "q8"]] = _opt(None, "quantize the frozen base weights (QLoRA)")
     backend: Literal["mlx", "torch", "auto"] = _opt("mlx", "training backend")
     output: str = _opt(None, "run folder for checkpoints, adapter and logs", path=True, required=True)
-    data: DataConfig = _opt(None, "a data build folder, or {train, eval, format}", required=True,
-                            shorthand="dir")
+    feedback: Optional[FeedbackConfig] = _opt(None, "feedback logs that `edgetune run` builds into the "
+                                                    "datasets (then `data` is not needed)")
+    data: Optional[DataConfig] = _opt(None, "a data build folder, or {train, eval, format}; not needed with "
+                                            "`feedback:`", shorthand="dir")
     # Stage sections are optional: absent means the recipe does not configure that stage;
     # present but empty (`sft:`) means every default.
     sft: Optional[SftConfig] = _opt(None, "LoRA supervised fine-tuning (`edgetune sft`)")
     dpo: Optional[DpoConfig] = _opt(None, "preference pairs, reference log-probs computed once (`edgetune dpo`)")
     kto: Optional[KtoConfig] = _opt(None, "unpaired thumbs up/down (`edgetune kto`)")
     orpo: Optional[OrpoConfig] = _opt(None, "reference-free preference training, SFT + odds ratio (`edgetune orpo`)")
+    export: Optional[ExportConfig] = _opt(None, "formats to export the trained model in (`edgetune export`)")
+    eval: Optional[EvalConfig] = _opt(None, "evaluation and release gate (`edgetune eval`, and `edgetune run` "
+                                            "before export)")
+
+    def cross_check(self) -> list[tuple[str, str]]:
+        if self.feedback is not None and self.data is not None:
+            return [("data", "give either feedback: (logs that `edgetune run` builds into {output}/data) or "
+                             "data: (datasets already built), not both")]
+        if self.feedback is None and self.data is None:
+            return [("data", "required key missing: a data build folder or {train, eval} files "
+                             "(or a feedback: section with the logs, for `edgetune run`)")]
+        return []
+
+
+def require_data(recipe: Recipe, command: str) -> DataConfig:
+    """The datasets a single-stage command reads; a `feedback:`-only recipe needs `edgetune run` first."""
+    if recipe.data is None:
+        raise UserError(f"`edgetune {command}` reads built datasets, and this recipe only names feedback logs: "
+                        "run `edgetune run RECIPE` (it builds them), or set data: to an `edgetune data build` "
+                        "folder")
+    return recipe.data
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -268,13 +405,24 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     Raises `UserError` when the file cannot be read or is not YAML, and one
     `RecipeError` listing every schema problem otherwise.
     """
+    return _load_file(path, Recipe, "recipe", "model:, output:, data:, sft: ...", overrides)
+
+
+def load_section_file(path: str | os.PathLike, cls: type, what: str, example_keys: str):
+    """Read one schema section kept in a file of its own (e.g. a gate file: `GateConfig`), with the
+    recipe's checks: unknown keys named with their line, every problem at once (`RecipeError`).
+    Relative paths in it resolve against its folder."""
+    return _load_file(path, cls, what, example_keys, ())
+
+
+def _load_file(path, cls: type, what: str, example_keys: str, overrides):
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise UserError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file; a recipe is YAML") from None
+        raise UserError(f"{path}: not a UTF-8 text file; a {what} is YAML") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -285,18 +433,17 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping of keys (model:, output:, data:, sft: ...), "
-                        f"not a {type(raw).__name__}")
+        raise UserError(f"{path}: a {what} is a YAML mapping of keys ({example_keys}), not a {type(raw).__name__}")
 
     lines: dict[str, int] = {}
     ctx = _Context(str(path), path.resolve().parent, lines, {})
     _index_lines(node, "", lines, ctx)
     for text_ in overrides:
         _apply_override(raw, text_, ctx)
-    recipe = _build(Recipe, raw, "", ctx)
+    loaded = _build(cls, raw, "", ctx)
     if ctx.problems:
         raise RecipeError(ctx.render(), [(key, reason) for key, reason, _ in ctx.problems])
-    return recipe
+    return loaded
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -446,6 +593,12 @@ def _match(value, tp) -> tuple[bool, Any]:
         items = [value] if not isinstance(value, list) else value  # `train: a.jsonl` means a list of one
         converted = [_match(v, inner) for v in items]
         return all(ok for ok, _ in converted), [v for _, v in converted]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return False, None
+        pairs = [(_match(k, key_tp), _match(v, value_tp)) for k, v in value.items()]
+        return all(k[0] and v[0] for k, v in pairs), {k[1]: v[1] for k, v in pairs}
     if tp is type(None):
         return value is None, None
     if tp is bool:
@@ -475,6 +628,9 @@ def _type_name(tp) -> str:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ')}s"
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"a mapping of {_type_name(key_tp).removeprefix('a ')}s to {_type_name(value_tp).removeprefix('a ')}s"
     return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
             str: "a string"}.get(tp, str(tp))
 

@@ -117,9 +117,16 @@ def _data_files(data) -> list[Path]:
 def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Train per `recipe`; returns the summary dict (also written to summary.json)."""
     from edgetune.models import load_recipe_model
-    from edgetune.recipe import recipe_to_dict
+    from edgetune.plan import apply_memory_limits, previous_section, resolve_auto
+    from edgetune.recipe import recipe_to_dict, require_data
     from edgetune.sft_data import make_batches, padding_fraction
 
+    require_data(recipe, "sft")
+    # Plan memory from config.json alone and fill in `auto` values: a run that cannot fit is
+    # refused here, before the model loads (a Metal out-of-memory would abort the process).
+    recipe, plan = resolve_auto(recipe, "sft", echo=echo, previous=previous_section(
+        Path(recipe.output) / "manifest.json", "sft") if resume else None)
+    apply_memory_limits(plan, echo)
     cfg = recipe.sft
     out = Path(recipe.output)
     checkpoints = out / "checkpoints"
@@ -134,6 +141,8 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets),
                     None if cfg.lora.layers in (None, "all") else int(cfg.lora.layers))
     adapter_cfg = attach_lora(model, spec, cfg.seed)
+    # Recorded so `edgetune export ADAPTER` finds the base of an adapter copied out of its run.
+    adapter_cfg["base_model"] = recipe.model
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -167,6 +176,7 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
         "data_stats": data.stats,
         "model_path": str(loaded.path),
         "dtype": loaded.why_dtype,
+        "memory_plan": plan.to_json(),  # the predicted peak by part, and why each `auto` value was chosen
         "steps": steps,
         "batches_per_epoch": per_epoch,
         "trainable_parameters": trainable_count(model),

@@ -1,4 +1,4 @@
-"""`edgetune sft` (and later `dpo`, `kto`): run one training stage from a recipe."""
+"""`edgetune sft`, `dpo`, `kto`, `orpo` (one training stage from a recipe), `run` (all of them) and `demo`."""
 
 from __future__ import annotations
 
@@ -62,3 +62,16 @@ kto = _preference_command("kto", "KTO on unpaired thumbs up/down with LoRA on ML
                                  "section says.")
 orpo = _preference_command("orpo", "ORPO (SFT + odds-ratio preference term, no reference) with LoRA on MLX, "
                                    "as the recipe's `orpo:` section says.")
+
+
+@click.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set sft.steps=20 (repeatable).")
+def run(recipe_path: str, overrides: tuple[str, ...]) -> None:
+    """Every stage the recipe configures (data build, SFT, DPO/KTO/ORPO, eval gate, export), in one run
+    folder. Re-running skips finished stages whose inputs did not change and resumes an interrupted one."""
+    from edgetune.pipeline import run_pipeline
+    from edgetune.recipe import load_recipe
+
+    run_pipeline(load_recipe(recipe_path, list(overrides)), echo=_echo)

@@ -124,7 +124,7 @@ sft:
         (":5: sft.lora.layers", "expected an integer or one of all, got string 'some'"),
         (":5: sft.lora.targets", "must not be empty"),
         (":6: sft.steps", "set exactly one of sft.steps and sft.epochs (both are set"),
-        (":8: sft.batch_size", "expected an integer, got string '4'"),
+        (":8: sft.batch_size", "expected an integer or one of auto, got string '4'"),
         (":9: sft.packing", "expected true or false, got integer 1"),
         (":10: sft.max_grad_norm", "must be greater than 0, got -1.0"),
     ]

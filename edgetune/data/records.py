@@ -131,7 +131,7 @@ def validate_record(obj: dict) -> str | None:
     kind = obj.get("type")
     try:
         if kind == "conversation":
-            _check_conversation(obj)
+            check_conversation(obj)
         elif kind == "feedback":
             _check_feedback_record(obj)
         elif kind == "comparison":
@@ -149,7 +149,9 @@ def build_record(obj: dict) -> Record:
     """Typed record of an object that passed `validate_record` (not checked again)."""
     kind = obj["type"]
     if kind == "conversation":
+        # A message of three keys (id, role, content: checked) carries no signal: most of them.
         return Conversation(obj["conversation_id"], tuple(
+            Message(m["id"], m["role"], m["content"]) if len(m) == 3 else
             Message(m["id"], m["role"], m["content"], _feedback(m.get("feedback")), m.get("corrects"))
             for m in obj["messages"]), obj.get("persona"))
     if kind == "feedback":
@@ -247,27 +249,36 @@ def _check_common(obj: dict) -> None:
         raise Bad(f"metadata: expected an object, got {describe(metadata)}")
 
 
-_ROLE_SET = frozenset(ROLES)
+def check_conversation(obj: dict) -> tuple[int, bool]:
+    """Raise Bad with the reason unless `obj` is a valid conversation record; else return its
+    number of assistant messages and whether one of them carries a signal (feedback or corrects).
 
-
-def _check_conversation(obj: dict) -> None:
+    The build needs both for every conversation of a log (rule 6 counts the
+    unused assistant messages; only a conversation with a signal is curated
+    right away), and the checks' loop over the messages looks at every role
+    and extra key anyway.
+    """
     required_str(obj, "conversation_id")
     _check_common(obj)
     raw = _message_list(obj, "messages")
     roles: dict[str, str] = {}  # id -> role, for duplicates and `corrects`
+    assistants, signal = 0, False
     for i, m in enumerate(raw):
-        # Fast path: the shape of almost every message, tested in one expression.
+        # Fast path: the shape of almost every message, tested in one expression. (A tuple, not a
+        # set, of roles: a role that is a JSON list or object is not hashable.)
         if type(m) is dict:
             mid = m.get("id")
             role = m.get("role")
-            if not (type(mid) is str and mid and role in _ROLE_SET and type(m.get("content")) is str):
+            if not (type(mid) is str and mid and role in ROLES and type(m.get("content")) is str):
                 _check_message_fields(m, f"messages[{i}].")  # raises with the precise reason
         else:
             _object(m, f"messages[{i}]")
         if mid in roles:
             first = next(j for j, n in enumerate(raw) if n.get("id") == mid)
             raise Bad(f"messages[{i}].id: duplicate id {mid!r} (first at messages[{first}])")
-        if role == "system" and i:
+        if role == "assistant":
+            assistants += 1
+        elif role == "system" and i:
             raise Bad(f"messages[{i}].role: a system message may only come first")
         if len(m) > 3:  # more keys than id, role and content (checked above): maybe a signal
             feedback = m.get("feedback")
@@ -276,10 +287,13 @@ def _check_conversation(obj: dict) -> None:
                     raise Bad(f"messages[{i}].feedback: only assistant messages carry feedback "
                                f"(this one is {role})")
                 _check_feedback_fields(_object(feedback, f"messages[{i}].feedback"), f"messages[{i}].feedback.")
+                signal = True
             corrects = m.get("corrects")
             if corrects is not None:
                 _check_corrects(corrects, role, roles, raw[i + 1:], f"messages[{i}].")
+                signal = True
         roles[mid] = role
+    return assistants, signal
 
 
 def _check_message_fields(m: dict, where: str) -> None:

@@ -35,7 +35,7 @@ Decisions the spec leaves open, made here:
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -57,8 +57,9 @@ class Curated:
     """What one record gave: rows in order, and the tallies for the report."""
 
     rows: list[tuple[str, dict]] = field(default_factory=list)  # (output, row)
-    signals: Counter = field(default_factory=Counter)  # rule -> signals seen
-    drops: Counter = field(default_factory=Counter)  # reason -> rows not made
+    # defaultdict(int), not Counter: a build makes one per record, and Counter() takes 3x as long
+    signals: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # rule -> signals seen
+    drops: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # reason -> rows not made
     conflicts: list[str] = field(default_factory=list)  # message ids rated up and down
     unused: int = 0  # assistant messages without any signal (rule 6)
 
@@ -120,46 +121,44 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
     if correction_prompt not in CORRECTION_PROMPTS:
         raise ValueError(f"correction_prompt must be one of {CORRECTION_PROMPTS}, got {correction_prompt!r}")
     merge = correction_prompt == MERGE
-    extra = extra or {}
     msgs = conv.messages
-    position = {m.id: i for i, m in enumerate(msgs)}
     corrected = {m.corrects for m in msgs if m.corrects is not None}
-    base = {"conversation_id": conv.conversation_id}
-
+    position = {m.id: i for i, m in enumerate(msgs)} if corrected else {}  # for walking chains back
     turns = [{"role": m.role, "content": m.content} for m in msgs]
-    feedback: dict[int, list[Feedback]] = {}
+    feedback: dict[int, list[Feedback]] = {}  # filled in message order: a row only names earlier messages
     conflicted: set[int] = set()
-    for i, m in enumerate(msgs):
-        if m.role != "assistant":
-            continue
-        fbs = ([m.feedback] if m.feedback is not None else []) + list(extra.get(m.id, ()))
-        if fbs:
-            feedback[i] = fbs
-            if {"up", "down"} <= {f.rating for f in fbs}:
-                conflicted.add(i)
+    commented = False  # some feedback has a comment: sources name them
 
     def source(rule: str, ids: list[int]) -> dict:
-        src = {"rule": rule, **base, "message_ids": [msgs[j].id for j in ids]}
+        src = {"rule": rule, "conversation_id": conv.conversation_id, "message_ids": [msgs[j].id for j in ids]}
         if conv.persona is not None:
             src["persona"] = conv.persona
-        comments = [f.comment for j in ids for f in feedback.get(j, ()) if f.comment]
-        if comments:
-            src["comments"] = comments
+        if commented:
+            comments = [f.comment for j in ids for f in feedback.get(j, ()) if f.comment]
+            if comments:
+                src["comments"] = comments
         return src
 
     out = Curated()
+    signals, drops, rows = out.signals, out.drops, out.rows
     for i, m in enumerate(msgs):
         if m.role != "assistant":
             continue
-        fbs = feedback.get(i, [])
-        in_chain = m.corrects is not None or m.id in corrected
-        if not fbs and not in_chain:
+        fbs = [m.feedback] if m.feedback is not None else []
+        if extra and m.id in extra:
+            fbs += extra[m.id]
+        ratings = {f.rating for f in fbs}
+        if fbs:
+            feedback[i] = fbs
+            commented = commented or any(f.comment for f in fbs)
+            if "up" in ratings and "down" in ratings:
+                conflicted.add(i)
+        elif m.corrects is None and m.id not in corrected:
             out.unused += 1
             continue
         if i in conflicted:
             out.conflicts.append(m.id)
             continue
-        ratings = {f.rating for f in fbs}
         path = [i]  # this message back to the first mistake of its chain
         while msgs[path[-1]].corrects is not None:
             path.append(position[msgs[path[-1]].corrects])
@@ -168,43 +167,40 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
         answer = _assistant(m.content)  # shared by this message's rows, like `prompt`: rows are read-only
 
         if m.corrects is not None and m.id not in corrected:  # rule 2: final of a chain
-            out.signals[CORRECTION] += 1
+            signals[CORRECTION] += 1
             if "down" in ratings:
-                out.drops["correction_final_rated_down"] += 1
+                drops["correction_final_rated_down"] += 1
             else:
-                out.rows.append(("sft", {"prompt": prompt, "completion": answer,
-                                         "source": source(CORRECTION, path)}))
+                rows.append(("sft", {"prompt": prompt, "completion": answer, "source": source(CORRECTION, path)}))
                 for j in path[:-1]:
                     if j in conflicted:
                         continue
-                    out.rows.append(("dpo", {"prompt": prompt, "chosen": answer,
-                                             "rejected": _assistant(msgs[j].content),
-                                             "source": source(CORRECTION, [j, i])}))
+                    rows.append(("dpo", {"prompt": prompt, "chosen": answer, "rejected": _assistant(msgs[j].content),
+                                         "source": source(CORRECTION, [j, i])}))
         if "up" in ratings:  # rule 1
-            out.signals[THUMBS_UP] += 1
+            signals[THUMBS_UP] += 1
             if m.id in corrected:
-                out.drops["thumbs_up_then_corrected"] += 1
+                drops["thumbs_up_then_corrected"] += 1
             else:
+                src = source(THUMBS_UP, [i])  # one source for both rows: rows are read-only
                 if m.corrects is None:  # a chain final already has its SFT row from rule 2
-                    out.rows.append(("sft", {"prompt": prompt, "completion": answer,
-                                             "source": source(THUMBS_UP, [i])}))
-                out.rows.append(("kto", {"prompt": prompt, "completion": answer,
-                                         "label": True, "source": source(THUMBS_UP, [i])}))
+                    rows.append(("sft", {"prompt": prompt, "completion": answer, "source": src}))
+                rows.append(("kto", {"prompt": prompt, "completion": answer, "label": True, "source": src}))
         for f in fbs:  # rule 3
             if f.edited_content is None:
                 continue
-            out.signals[EDIT] += 1
+            signals[EDIT] += 1
             if normalize_whitespace(f.edited_content) == normalize_whitespace(m.content):
-                out.drops["edit_unchanged"] += 1
+                drops["edit_unchanged"] += 1
                 continue
             edited = _assistant(f.edited_content)
-            out.rows.append(("sft", {"prompt": prompt, "completion": edited, "source": source(EDIT, [i])}))
-            out.rows.append(("dpo", {"prompt": prompt, "chosen": edited,
-                                     "rejected": answer, "source": source(EDIT, [i])}))
+            src = source(EDIT, [i])
+            rows.append(("sft", {"prompt": prompt, "completion": edited, "source": src}))
+            rows.append(("dpo", {"prompt": prompt, "chosen": edited, "rejected": answer, "source": src}))
         if "down" in ratings:  # rule 4: never SFT; a DPO rejected only via rules 2, 3, 5
-            out.signals[THUMBS_DOWN] += 1
-            out.rows.append(("kto", {"prompt": prompt, "completion": answer,
-                                     "label": False, "source": source(THUMBS_DOWN, [i])}))
+            signals[THUMBS_DOWN] += 1
+            rows.append(("kto", {"prompt": prompt, "completion": answer, "label": False,
+                                 "source": source(THUMBS_DOWN, [i])}))
     return out
 
 

@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from edgetune.data import pii, rules
-from edgetune.data.records import Conversation, FeedbackRecord, build_record, validate_record
+from edgetune.data.records import (RECORD_TYPES, Bad, Conversation, FeedbackRecord, build_record,
+                                   check_conversation, validate_record)
 from edgetune.data.source import Invalid, iter_jsonl
 from edgetune.errors import UserError
 
@@ -222,67 +223,120 @@ def row_json(row: dict) -> bytes:
 
 
 _NOT_PLAIN = pii.NEEDED + rules.ASCII_BREAKS
+# Maps the bytes of _NOT_PLAIN to NUL and every other byte to itself: bytes.translate returns its
+# input object itself when nothing changes, which is cheaper to find out than deleting them.
+_MARK_NOT_PLAIN = bytes(0 if c in _NOT_PLAIN else c for c in range(256))
 
 
 class _TextTable:
-    """One record's texts and message lists, each scrubbed (rule 8) and keyed (rule 7) once.
+    """One record's texts, messages and message lists, each scrubbed (rule 8) and keyed (rule 7) once.
 
     A conversation's context recurs in every row it gives (SFT, KTO, DPO of
-    each rated message); scrubbing and normalising it per row was most of a
-    build's time.
+    each rated message); scrubbing, normalising and hashing it per row was
+    most of a build's time. Texts, messages and lists are looked up by their
+    id(): hashing a long text to find it costs as much as checking it again,
+    and the record's rows keep every one of them alive (so no id is reused)
+    while the record is staged.
     """
 
     def __init__(self):
-        self.texts: dict[str, tuple[str, bytes, tuple | None]] = {}  # text -> (clean, key, PII)
-        self.pieces: dict[int, tuple[str, bytes, tuple | None]] = {}  # id(message) -> (clean, key, PII)
-        self.lists: dict[int, tuple[list, bytes, tuple | None]] = {}  # id(message list) -> (clean, key, PII)
-        self._counts: Counter = Counter()  # reused: a Counter per text costs as much as scrubbing a short one
+        self.texts: dict[int, tuple[str, bytes, tuple | None]] = {}  # id(text) -> (clean, key, PII)
+        self.pieces: dict[int, tuple[dict, bytes, tuple | None]] = {}  # id(message) -> (clean, key, PII)
+        self.lists: dict[int, tuple[list, bytes, tuple | None]] = {}  # id(list) -> (clean, key, PII)
+        self.prompts: dict[int, tuple[list, object, tuple | None]] = {}  # id(prompt) -> (clean, hash, PII)
+        # The last prompt hashed, message by message: (message, blake2b state after it, PII so far).
+        self.chain: list[tuple[dict, object, tuple | None]] = []
+        self._counts: Counter | None = None  # reused: a Counter per text costs as much as scrubbing a short one
 
     def text(self, text: str) -> tuple[str, bytes, tuple | None]:
         """Scrubbed text, its part of a dedup key (normalised, UTF-8) and its PII by kind (None: none)."""
-        hit = self.texts.get(text)
+        hit = self.texts.get(id(text))
         if hit is None:
-            # Most texts hold no PII and are already normal; one pass in C over the key's bytes
-            # tells (pii.NEEDED: what every PII kind needs; the normal form of
-            # rules.normalize_whitespace), where the full work below takes three.
+            # Most texts hold no PII and are already normal; two passes in C over the text tell
+            # (pii.NEEDED: what every PII kind needs; the normal form of
+            # rules.normalize_whitespace), where the full work below takes three or more.
+            # `bytes.translate` returns its input itself when nothing changes (in CPython; elsewhere
+            # the full work runs, to the same result). The double space is looked for in the str:
+            # `bytes in bytes` first tries the needle as an int, and raising and clearing that
+            # TypeError costs more than the search.
             key = text.encode("utf-8", "surrogatepass")
-            if (text.isascii() and len(key.translate(None, _NOT_PLAIN)) == len(key) and b"  " not in key
-                    and key[:1] != b" " and key[-1:] != b" "):
-                hit = self.texts[text] = (text, key, None)
+            if (text.isascii() and key[:1] != b" " and key[-1:] != b" "
+                    and key.translate(_MARK_NOT_PLAIN) is key and "  " not in text):
+                hit = self.texts[id(text)] = (text, key, None)
                 return hit
             counts = self._counts
+            if counts is None:
+                counts = self._counts = Counter()
             counts.clear()
             clean = pii.scrub(text, counts)  # changes the text exactly when it counts something
             found = tuple(counts[k] for k in PII_KINDS) if counts else None
-            hit = self.texts[text] = (clean, rules.normalize_whitespace(clean).encode("utf-8", "surrogatepass"),
-                                      found)
+            hit = self.texts[id(text)] = (clean, rules.normalize_whitespace(clean).encode("utf-8", "surrogatepass"),
+                                          found)
+        return hit
+
+    def piece(self, m: dict) -> tuple[dict, bytes, tuple | None]:
+        """The scrubbed message (`m` itself when nothing changed), its part of a dedup key
+        (role, \\x1f, normalised content: as in `rules.messages_key_text`) and its PII."""
+        hit = self.pieces.get(id(m))
+        if hit is None:
+            content = m["content"]
+            clean, key, found = self.texts.get(id(content)) or self.text(content)
+            hit = self.pieces[id(m)] = (m if found is None else {"role": m["role"], "content": clean},
+                                        m["role"].encode() + b"\x1f" + key, found)
         return hit
 
     def messages(self, messages: list[dict]) -> tuple[list[dict], bytes, tuple | None]:
         """The scrubbed list (`messages` itself when nothing changed), its dedup key part
-        (`rules.messages_key_text` of the scrubbed list, UTF-8) and its PII by kind.
-
-        Cached by the list's id, and each message by its dict's id: the rows of
-        one message share its lists, a conversation's prompts share its turns,
-        and `curated.rows` keeps them all alive (so no id is reused) while the
-        record is staged.
-        """
+        (`rules.messages_key_text` of the scrubbed list, UTF-8) and its PII by kind."""
         hit = self.lists.get(id(messages))
         if hit is None:
-            clean_list, keys, pii = messages, [], None
+            if len(messages) == 1:  # an answer (completion, chosen, rejected): nearly every list here
+                clean_m, key, found = self.piece(messages[0])
+                hit = self.lists[id(messages)] = (messages if found is None else [clean_m], key, found)
+                return hit
+            clean, keys, found = messages, [], None
             for k, m in enumerate(messages):
-                piece = self.pieces.get(id(m))
-                if piece is None:
-                    clean, key, text_pii = self.text(m["content"])
-                    piece = self.pieces[id(m)] = (clean, m["role"].encode() + b"\x1f" + key, text_pii)
-                keys.append(piece[1])
-                if piece[2]:
-                    pii = piece[2] if pii is None else tuple(map(operator.add, pii, piece[2]))
-                    if clean_list is messages:
-                        clean_list = list(messages)
-                    clean_list[k] = {"role": m["role"], "content": piece[0]}
-            hit = self.lists[id(messages)] = (clean_list, b"\x1e".join(keys), pii)
+                clean_m, key, piece_pii = self.piece(m)
+                keys.append(key)
+                if piece_pii:
+                    found = piece_pii if found is None else tuple(map(operator.add, found, piece_pii))
+                    if clean is messages:
+                        clean = list(messages)
+                    clean[k] = clean_m
+            hit = self.lists[id(messages)] = (clean, b"\x1e".join(keys), found)
         return hit
+
+    def prompt(self, prompt: list[dict]) -> tuple[list[dict], object, tuple | None]:
+        """`messages(prompt)`, but with the blake2b state (digest_size 16) after the key part
+        in place of the key part.
+
+        A conversation's prompts are mostly prefixes of one another (each rated
+        message's context: its turns so far), so each is hashed on from the
+        longest prefix it shares with the last one, message by message: the key
+        part is the pieces joined by \\x1e, so the state after a prefix is the
+        same in every prompt that starts with it.
+        """
+        hit = self.prompts.get(id(prompt))
+        if hit is None:
+            chain, pieces = self.chain, self.pieces
+            k, n = 0, min(len(chain), len(prompt))
+            while k < n and chain[k][0] is prompt[k]:
+                k += 1
+            del chain[k:]
+            state, found = chain[-1][1:] if chain else (_EMPTY_KEY, None)
+            for m in prompt[k:]:
+                _, key, piece_pii = pieces.get(id(m)) or self.piece(m)
+                state = state.copy()
+                state.update(b"\x1e" + key if chain else key)
+                if piece_pii:
+                    found = piece_pii if found is None else tuple(map(operator.add, found, piece_pii))
+                chain.append((m, state, found))
+            clean = prompt if found is None else [pieces[id(m)][0] for m in prompt]
+            hit = self.prompts[id(prompt)] = (clean, state, found)
+        return hit
+
+
+_EMPTY_KEY = blake2b(digest_size=16)  # the hash state of an empty prompt's key part: only ever copied
 
 
 def stage_rows(curated: rules.Curated, split: str, conversation_id: str | None
@@ -294,49 +348,66 @@ def stage_rows(curated: rules.Curated, split: str, conversation_id: str | None
     persona <TAB> e,p,c,i", row JSON line)`, the fields of its line in the
     staging index. Each row carries the PII placeholders it holds, so the
     report can count exactly what the written files contain.
+
+    The dedup key, `rules.dedup_key(output, row)` of the scrubbed row (a test
+    checks it), is the blake2b of the parts' keys joined by \\x1d. The rows of
+    one message come one after the other and share their prompt and answer:
+    what the last row worked out for them is used again.
     """
     drops = curated.drops
     table = _TextTable()
-    prompt_hashes: dict[int, object] = {}  # id(prompt list) -> blake2b state after its key part
-    personas: dict[str, str] = {}  # persona -> its JSON, encoded once per record
+    lists = table.messages
     staged = []
+    last_prompt = last_answer = last_persona = None
     for output, row in curated.rows:
         prompt = row["prompt"]
-        clean_prompt, prompt_key, pii = table.messages(prompt)
+        if prompt is not last_prompt:
+            last_prompt, last_answer = prompt, None
+            clean_prompt, prompt_hash, prompt_pii = table.prompt(prompt)
         if output == "dpo":
-            chosen, chosen_key, chosen_pii = table.messages(row["chosen"])
-            rejected, rejected_key, rejected_pii = table.messages(row["rejected"])
+            chosen, chosen_key, chosen_pii = lists(row["chosen"])
+            rejected, rejected_key, rejected_pii = lists(row["rejected"])
             if chosen_key == rejected_key:  # rules.chosen_equals_rejected, on the scrubbed texts
-                drops = drops + Counter(dpo_chosen_equals_rejected=1)  # not in place: curated is the caller's
+                # Counted in a copy: `curated` is the caller's.
+                drops = {**drops, "dpo_chosen_equals_rejected": drops.get("dpo_chosen_equals_rejected", 0) + 1}
                 continue
-            rest_key = b"\x1d" + chosen_key + b"\x1d" + rejected_key
-            clean = {"prompt": clean_prompt, "chosen": chosen, "rejected": rejected}
-            more_pii = [chosen_pii, rejected_pii]
+            digest = prompt_hash.copy()
+            digest.update(b"\x1d" + chosen_key + b"\x1d" + rejected_key)
+            pii = _add(_add(prompt_pii, chosen_pii), rejected_pii) if chosen_pii or rejected_pii else prompt_pii
+            unchanged = chosen is row["chosen"] and rejected is row["rejected"]
         else:
-            completion, completion_key, completion_pii = table.messages(row["completion"])
-            rest_key = b"\x1d" + completion_key
-            clean = {"prompt": clean_prompt, "completion": completion}
+            answer = row["completion"]
+            if answer is not last_answer:  # else: the KTO row after the SFT row of the same message
+                last_answer = answer
+                completion, completion_key, completion_pii = lists(answer)
+                answered = prompt_hash.copy()
+                answered.update(b"\x1d" + completion_key)
             if output == "kto":
-                rest_key += b"\x1d1" if row["label"] else b"\x1d0"
-                clean["label"] = row["label"]
-            more_pii = [completion_pii]
-        source = clean["source"] = row["source"]
+                digest = answered.copy()
+                digest.update(b"\x1d1" if row["label"] else b"\x1d0")
+            else:
+                digest = answered
+            pii = _add(prompt_pii, completion_pii) if completion_pii else prompt_pii
+            unchanged = completion is answer
+        source = row["source"]
         if "comments" in source:
             comments = [table.text(c) for c in source["comments"]]
-            clean["source"] = {**source, "comments": [c[0] for c in comments]}
-            more_pii += [c[2] for c in comments]
-        for p in more_pii:
-            if p:
-                pii = p if pii is None else tuple(map(operator.add, pii, p))
+            for c in comments:
+                if c[2]:
+                    pii = _add(pii, c[2])
+                    source = {**source, "comments": [c[0] for c in comments]}
+                    unchanged = False
+        if unchanged and clean_prompt is prompt:
+            clean = row  # nothing to scrub: the usual case
+        elif output == "dpo":
+            clean = {"prompt": clean_prompt, "chosen": chosen, "rejected": rejected, "source": source}
+        elif output == "kto":
+            clean = {"prompt": clean_prompt, "completion": completion, "label": row["label"], "source": source}
+        else:
+            clean = {"prompt": clean_prompt, "completion": completion, "source": source}
         persona = source.get("persona", rules.UNTAGGED)
-        persona_json = personas.get(persona) or personas.setdefault(persona, encode_basestring_ascii(persona))
-        # rules.dedup_key(output, row) of the scrubbed row (a test checks it): the blake2b of the
-        # parts' keys joined by \x1d, the prompt's part hashed once for all the rows that share it.
-        digest = prompt_hashes.get(id(prompt))
-        if digest is None:
-            digest = prompt_hashes[id(prompt)] = blake2b(prompt_key, digest_size=16)
-        digest = digest.copy()
-        digest.update(rest_key)
+        if persona is not last_persona:
+            last_persona, persona_json = persona, encode_basestring_ascii(persona)
         staged.append((output, split, digest.hexdigest(),
                        f"{source['rule']}\t{persona_json}\t{','.join(map(str, pii)) if pii else NO_PII}",
                        row_json(clean)))
@@ -345,6 +416,13 @@ def stage_rows(curated: rules.Curated, split: str, conversation_id: str | None
     tally = {"signals": curated.signals, "drops": drops,
              "conflicts": [[conversation_id, mid] for mid in curated.conflicts]}
     return _index_json(tally), staged
+
+
+def _add(a: tuple | None, b: tuple | None) -> tuple | None:
+    """PII counts by kind, summed (None: none)."""
+    if not b:
+        return a
+    return b if a is None else tuple(map(operator.add, a, b))
 
 
 # --- staging files -----------------------------------------------------------------------
@@ -407,47 +485,49 @@ def stage_chunk(chunk: Chunk, options, staging: str | None) -> ChunkResult:
     """
     result = ChunkResult()
     out = _Staging(staging, chunk, "a") if staging else None
-    counts = result.counts
+    conversations, comparisons, problems = result.conversations, result.comparisons, result.problems
+    kinds = dict.fromkeys(RECORD_TYPES, 0)  # records of each type; ints, not a Counter: 2 increments per record
     lines_out = [0]
     try:
         for pos, lineno, obj, raw in iter_chunk(chunk, lines_out):
-            counts["records"] += 1
-            reason = obj.reason if type(obj) is Invalid else validate_record(obj)
+            if type(obj) is Invalid:
+                reason = obj.reason
+            elif obj.get("type") == "conversation":  # most records: checked and summed up in one loop
+                try:
+                    unused, signal = check_conversation(obj)
+                    reason = None
+                except Bad as e:
+                    reason = str(e)
+            else:
+                reason = validate_record(obj)
             if reason is not None:
                 if raw is not None and type(obj) is not Invalid:  # explain it from the stdlib's reading
                     obj = _decode_line(raw, fast=False)
                     reason = obj.reason if type(obj) is Invalid else validate_record(obj)
-                counts["invalid"] += 1
-                result.problems.append((lineno, reason))
+                problems.append((lineno, reason))
                 continue
             kind = obj["type"]
-            counts[kind] += 1
+            kinds[kind] += 1
             if kind == "conversation":
-                unused, signal = 0, False  # only assistant messages may carry a signal (validated)
-                for m in obj["messages"]:
-                    if m["role"] == "assistant":
-                        unused += 1
-                        # more keys than id, role and content: maybe a signal
-                        if len(m) > 3 and not signal:
-                            signal = m.get("feedback") is not None or m.get("corrects") is not None
-                if signal and out:
+                if signal and out:  # only assistant messages may carry a signal (checked)
                     conv = build_record(obj)
                     curated = rules.curate_conversation(conv, None, options.correction_prompt)
                     split = rules.split_of(options.seed, "conversation", conv.conversation_id, options.eval_fraction)
                     out.add(pos, curated, split, conv.conversation_id)
                     unused = curated.unused
-                result.conversations.append((obj["conversation_id"], pos, unused))
+                conversations.append((obj["conversation_id"], pos, unused))
             elif kind == "comparison":
                 if out:
                     comp = build_record(obj)
                     split = rules.split_of(options.seed, "comparison", comp.comparison_id, options.eval_fraction)
                     out.add(pos, rules.curate_comparison(comp), split, None)
-                result.comparisons.append((obj["comparison_id"], pos))
+                comparisons.append((obj["comparison_id"], pos))
             else:
                 result.feedback.append((lineno, build_record(obj)))
     finally:
         if out:
             out.close()
+    result.counts = +Counter(records=sum(kinds.values()) + len(problems), invalid=len(problems), **kinds)
     result.lines = lines_out[0]
     return result
 
