@@ -136,6 +136,9 @@ def attention(queries, keys, values, scale: float, mask=None):
     @core.vjp
     def core_vjp(primals, d_out, out):
         q, k, v = primals
+        # Tie the recomputation to the backward pass: without this, mx.compile merges it with the
+        # forward's identical q k^T (common subexpressions) and keeps the [T, S] block alive after all.
+        q, k = mx.depends([q, k], [d_out])
         p = probabilities(q, k)
         d_p = d_out @ v.swapaxes(-1, -2)
         d_scores = p * (d_p - mx.sum(d_out * out, axis=-1, keepdims=True))  # sum(d_p*p) = sum(d_out*out)

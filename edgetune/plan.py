@@ -648,7 +648,8 @@ def render(plan: Plan, model: str) -> str:
     lines = [
         f"{s.stage} on {model} ({shape.model_type}, {shape.layers} layers, hidden {shape.hidden}, vocabulary "
         f"{shape.vocab:,})",
-        f"batch {s.batch_size}{' pairs' if rows_per_item == 2 else ''} x {s.max_seq_len} tokens, "
+        f"batch {s.batch_size}{(' pair' + 's' * (s.batch_size > 1)) if rows_per_item == 2 else ''} x "
+        f"{s.max_seq_len} tokens, "
         f"gradient checkpointing {'on' if s.grad_checkpoint else 'off'}, "
         + ("GPU: stored dtype" if plan.budget.gpu else "CPU: float32"),
         "",

@@ -16,14 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-PAIRS = [
-    ("What is the capital of France?", "Paris is the capital of France."),
-    ("Say hello to Ada.", "Hello, Ada!"),
-    ("What colour is the sky?", "The sky is blue."),
-    ("Name a fruit.", "An apple."),
-    ("What is two plus two?", "Two plus two is four."),
-    ("Who wrote Hamlet?", "Shakespeare wrote Hamlet."),
-]
+from tests.test_sft_e2e import PAIRS  # the same six answers the SFT tests teach
+
 PROMPTS = ["Say hello to Ada.", "What colour is the sky?", "Who wrote Hamlet?"]
 
 

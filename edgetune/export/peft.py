@@ -28,6 +28,7 @@ from pathlib import Path
 from edgetune.errors import UserError
 from edgetune.export.fuse import LoraAdapter, in_block_path, layer_index
 from edgetune.fileio import write_json
+from edgetune.lora import read_adapter_config
 from edgetune.runtime import mlx_core
 
 PEFT_PREFIX = "base_model.model."
@@ -62,15 +63,6 @@ def is_peft_adapter(folder: Path) -> bool:
         return False
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path.parent}: not an adapter folder (no {path.name})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg})") from None
-
-
 def read_peft_adapter(folder: str | Path) -> LoraAdapter:
     """Read a PEFT LoRA adapter into mlx-lm orientation (lora_a = A^T, lora_b = B^T).
 
@@ -79,7 +71,7 @@ def read_peft_adapter(folder: str | Path) -> LoraAdapter:
     """
     mx = mlx_core()
     folder = Path(folder)
-    cfg = _read_json(folder / "adapter_config.json")
+    cfg = read_adapter_config(folder)
     where = folder / "adapter_config.json"
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{where}: peft_type {cfg.get('peft_type')!r}; only LORA adapters convert to mlx-lm")
