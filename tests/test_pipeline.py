@@ -109,3 +109,19 @@ def test_recipe_with_both_feedback_and_data_is_rejected(tmp_path, tiny_model_dir
     recipe = write_run_recipe(tmp_path, tiny_model_dir, dpo=False)
     out = edgetune("run", str(recipe), "--set", "data=./built")
     assert out.returncode == 2 and "give either feedback:" in out.stderr
+
+
+@pytest.mark.slow
+def test_failing_gate_stops_the_run_before_export(tmp_path, tiny_model_dir):
+    recipe = write_run_recipe(tmp_path, tiny_model_dir, dpo=False,
+                              export={"formats": ["mlx"], "quantize": {"mlx": "none"}})
+    raw = json.loads(recipe.read_text())
+    # An impossible threshold: 4 SFT steps cannot lower the eval loss by 100 nats.
+    raw["eval"] = {"builtin_suite": False, "generations": 0, "gate": {"min_eval_loss_drop": 100.0}}
+    recipe.write_text(json.dumps(raw))
+    out = edgetune("run", str(recipe))
+    assert out.returncode == 1, out.stderr
+    assert "FAIL" in out.stderr and "eval loss" in out.stderr and "Traceback" not in out.stderr
+    run = tmp_path / "run"
+    assert not (run / "export").exists() and "export" not in ledger(run)
+    assert (run / "eval" / "eval.json").exists()  # the verdict is written before the run stops
