@@ -169,8 +169,8 @@ def _sdpa(queries, keys, values, cache, scale, mask, sinks=None):
 # (checked against mlx-lm's own output by tests/test_kernels.py).
 PATCHABLE_MODEL_TYPES = {"llama", "qwen2"}
 _active = False
-KERNELS_NOTE = ("kernels: SwiGLU, attention and the loss's logsumexp use a fused polynomial exp "
-                "(MLX's CPU exp is slow); EDGETUNE_FAST_KERNELS=0 turns this off")
+KERNELS_NOTE = ("kernels: SwiGLU and attention use a fused polynomial exp (MLX's CPU exp is slow); "
+                "EDGETUNE_FAST_KERNELS=0 turns this off")
 
 
 @contextlib.contextmanager
