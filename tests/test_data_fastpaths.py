@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgetune.data import build as build_module
-from edgetune.data import pii, rules, stage
+from edgetune.data import pii, records, rules, stage
 from edgetune.data.build import BuildOptions, build, scan_logs
 from edgetune.fileio import sha256_file
 
@@ -179,6 +179,112 @@ def test_staged_text_is_scrubbed_then_normalised(text):
                                   "plain words only."])
 def test_normalize_whitespace_on_worked_examples(text):
     assert rules.normalize_whitespace(text) == " ".join(text.split())
+
+
+# --- checking conversations -------------------------------------------------------------------
+
+# Values of a conversation's own fields that the checks tell apart: absent, null, each JSON type.
+ABSENT = object()  # the key is left out
+FIELD_VALUES = st.sampled_from([ABSENT, None, "", "c-1", 3, True, [], {}, {"app": "x"},
+                                [{"id": "m1", "role": "user", "content": "Hi"}]])
+
+
+@PROPERTY
+@given(st.fixed_dictionaries({k: FIELD_VALUES for k in ("conversation_id", "persona", "timestamp", "metadata",
+                                                         "messages")}))
+def test_conversation_fields_checked_in_one_test_give_the_reason_of_the_checks_in_order(fields):
+    """`check_conversation` tests a conversation's own fields in one expression, and runs the checks
+    one by one only when that fails: valid or not, the reason must be theirs."""
+    obj = {"type": "conversation", **{k: v for k, v in fields.items() if v is not ABSENT}}
+    try:
+        records.required_str(obj, "conversation_id")
+        records._check_common(obj)
+        records._message_list(obj, "messages")
+        expected = None
+    except records.Bad as e:
+        expected = str(e)
+    assert records.validate_record(obj) == expected
+
+
+# Texts that stress every shortcut of the row staging: repeats (shared keys and duplicates), PII,
+# whitespace to normalise, non-ASCII and a lone surrogate.
+TEXTS = ["Hi", "Same answer.", "Same  answer. ", " lead", "mail a@b.com", "call +1 415 555 2671", "tab\there",
+         "é ok", "x \ud83d", "Sure!", "ok", "4111 1111 1111 1111"]
+
+
+@st.composite
+def conversation_records(draw) -> dict:
+    """Valid v1 conversations: any roles, feedback of every kind, correction chains (branching too)."""
+    roles = draw(st.lists(st.sampled_from(["user", "assistant", "assistant", "tool"]), min_size=1, max_size=8))
+    if draw(st.booleans()):
+        roles[0] = "system"
+    messages, assistants = [], []
+    for i, role in enumerate(roles):
+        m = {"id": f"m{i}", "role": role, "content": draw(st.sampled_from(TEXTS))}
+        if role == "assistant":
+            feedback = {}
+            if draw(st.booleans()):
+                feedback["rating"] = draw(st.sampled_from(["up", "down", True, 0]))
+            if draw(st.integers(0, 3)) == 0:
+                feedback["edited_content"] = draw(st.sampled_from(TEXTS))
+            if draw(st.integers(0, 3)) == 0:
+                feedback["comment"] = draw(st.sampled_from(TEXTS))
+            if feedback:
+                m["feedback"] = feedback
+            if assistants and draw(st.booleans()):
+                m["corrects"] = draw(st.sampled_from(assistants))
+            assistants.append(m["id"])
+        messages.append(m)
+    record = {"type": "conversation", "conversation_id": "c1", "messages": messages}
+    if draw(st.booleans()):
+        record["persona"] = draw(st.sampled_from(["analyst", 'p\t"x']))
+    return record
+
+
+@PROPERTY
+@given(conversation_records())
+def test_check_conversation_counts_assistants_and_signals_as_the_typed_record_has_them(record):
+    conv = records.build_record(record)
+    assert records.check_conversation(record) == (sum(m.role == "assistant" for m in conv.messages),
+                                                  conv.has_signal())
+
+
+def _scrubbed(row: dict, counts: Counter) -> dict:
+    """The plain definition of a staged row: every text scrubbed, in place of the original."""
+    out = {key: [{"role": t["role"], "content": pii.scrub(t["content"], counts)} for t in value]
+           if key in ("prompt", "completion", "chosen", "rejected") else value for key, value in row.items()}
+    if "comments" in row["source"]:
+        out["source"] = {**row["source"], "comments": [pii.scrub(c, counts) for c in row["source"]["comments"]]}
+    return out
+
+
+@PROPERTY
+@given(conversation_records(), st.sampled_from(rules.CORRECTION_PROMPTS), st.booleans())
+def test_staged_rows_keys_and_pii_are_those_of_the_scrubbed_rows(record, correction_prompt, split_out):
+    """`stage_rows` scrubs, keys and encodes each text, message, list and prompt hash once per record;
+    every row must still be `json.dumps` of its scrubbed row, keyed by `rules.dedup_key`."""
+    conv = records.build_record(record)
+    extra = {m.id: [records.Feedback("up", comment="see a@b.com")] for m in conv.messages[1::3]
+             if m.role == "assistant"} if split_out else None
+    curated = rules.curate_conversation(conv, extra, correction_prompt)
+    drops_before = dict(curated.drops)
+    tally, staged = stage.stage_rows(curated, "train", "c1")
+    expected, equal_pairs = [], 0
+    for output, row in curated.rows:
+        counts = Counter()
+        clean = _scrubbed(row, counts)
+        if output == "dpo" and rules.chosen_equals_rejected(clean):
+            equal_pairs += 1
+            continue
+        expected.append((output, "train", rules.dedup_key(output, clean).hex(),
+                         f"{row['source']['rule']}\t{json.dumps(row['source'].get('persona', rules.UNTAGGED))}\t"
+                         + ",".join(str(counts[k]) for k in stage.PII_KINDS),
+                         (json.dumps(clean, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
+                             "utf-8", "backslashreplace")))
+    assert staged == expected
+    assert dict(curated.drops) == drops_before  # the caller's record is left as it was
+    if tally is not None:
+        assert json.loads(tally)["drops"].get("dpo_chosen_equals_rejected", 0) == equal_pairs
 
 
 # --- the merge's copies ------------------------------------------------------------------------

@@ -124,6 +124,13 @@ def test_invalid_record_reason_names_the_field(record, reason):
     assert parse_record(record) == reason
 
 
+@pytest.mark.parametrize("role", [[], {}, ["user"]])
+def test_regression_unhashable_role_is_an_invalid_record_not_a_crash(role):
+    """A JSON list or object as a role was looked up in a set of roles: TypeError, a traceback."""
+    assert parse_record(_conversation({"id": "m1", "role": role, "content": "x"})) == \
+        f"messages[0].role: unknown role {role!r} (expected system|user|assistant|tool)"
+
+
 def test_valid_records_parse_to_typed_records_with_normalised_ratings():
     record = _conversation(
         {"id": "s", "role": "system", "content": "Be brief."}, U,

@@ -9,8 +9,10 @@ raises on bad input: the build decides whether a bad line is an error
 It is two steps, also usable apart: `validate_record` (every check, no
 objects made: the build runs it on every line of a log, most of which give
 no rows) and `build_record` (typed objects from an object that passed).
-Checks test the common valid case first and work out the precise reason only
-once something is wrong.
+`check_conversation` is the check of a conversation, which also returns what
+the build needs of every one (its assistant messages, whether one carries a
+signal). Checks test the common valid case first and work out the precise
+reason only once something is wrong.
 
 Leniency, on purpose: keys the format does not define are ignored (exporters
 add their own), and `null` in an optional field reads as absent (exporters
@@ -249,6 +251,9 @@ def _check_common(obj: dict) -> None:
         raise Bad(f"metadata: expected an object, got {describe(metadata)}")
 
 
+_CONVERSATION_KEYS = ("conversation_id", "persona", "timestamp", "metadata", "messages")
+
+
 def check_conversation(obj: dict) -> tuple[int, bool]:
     """Raise Bad with the reason unless `obj` is a valid conversation record; else return its
     number of assistant messages and whether one of them carries a signal (feedback or corrects).
@@ -258,9 +263,13 @@ def check_conversation(obj: dict) -> tuple[int, bool]:
     right away), and the checks' loop over the messages looks at every role
     and extra key anyway.
     """
-    required_str(obj, "conversation_id")
-    _check_common(obj)
-    raw = _message_list(obj, "messages")
+    cid, persona, timestamp, metadata, raw = map(obj.get, _CONVERSATION_KEYS)
+    if not (type(cid) is str and cid and (persona is None or type(persona) is str)
+            and (timestamp is None or type(timestamp) is str) and (metadata is None or type(metadata) is dict)
+            and type(raw) is list and raw):  # the common shape in one test; else the checks in order
+        required_str(obj, "conversation_id")
+        _check_common(obj)
+        raw = _message_list(obj, "messages")
     roles: dict[str, str] = {}  # id -> role, for duplicates and `corrects`
     assistants, signal = 0, False
     for i, m in enumerate(raw):

@@ -57,7 +57,7 @@ class Curated:
     """What one record gave: rows in order, and the tallies for the report."""
 
     rows: list[tuple[str, dict]] = field(default_factory=list)  # (output, row)
-    # defaultdict(int), not Counter: a build makes one per record, and Counter() takes 3x as long
+    # defaultdict(int), not Counter: a build makes two per record, and Counter() takes 3x as long
     signals: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # rule -> signals seen
     drops: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # reason -> rows not made
     conflicts: list[str] = field(default_factory=list)  # message ids rated up and down
