@@ -138,24 +138,23 @@ def _task_lines(gate, name: str, c: dict, b: dict) -> list[GateLine]:
             out.append(GateLine("pass" if ok else "fail", check, name,
                                 f"{ct['eval_loss']:.4f} vs base {bt['eval_loss']:.4f} ({change:+.4f} nats; {need})"))
     if gate.min_preference_accuracy is not None:
-        acc = ct.get("preference_accuracy")
-        if not _number(acc):
-            out.append(GateLine("skip", "preference accuracy", name, "no held-out DPO pairs"))
-        else:
-            ok = acc >= gate.min_preference_accuracy
-            out.append(GateLine("pass" if ok else "fail", "preference accuracy", name,
-                                f"{acc:.1%} of {ct.get('pairs', 0)} pairs (needs at least "
-                                f"{gate.min_preference_accuracy:.1%})"))
+        out.append(_min_share_line("preference accuracy", name, ct.get("preference_accuracy"),
+                                   gate.min_preference_accuracy, "no held-out DPO pairs",
+                                   f"of {ct.get('pairs', 0)} pairs"))
     if gate.min_thumbs_down_share is not None:
-        share = ct.get("thumbs_down_less_likely")
-        if not _number(share):
-            out.append(GateLine("skip", "thumbs-down", name, "no held-out thumbs-down completions"))
-        else:
-            ok = share >= gate.min_thumbs_down_share
-            out.append(GateLine("pass" if ok else "fail", "thumbs-down", name,
-                                f"{share:.1%} of {ct.get('thumbs_down', 0)} thumbs-down completions less likely "
-                                f"than under the base (needs at least {gate.min_thumbs_down_share:.1%})"))
+        out.append(_min_share_line("thumbs-down", name, ct.get("thumbs_down_less_likely"),
+                                   gate.min_thumbs_down_share, "no held-out thumbs-down completions",
+                                   f"of {ct.get('thumbs_down', 0)} thumbs-down completions less likely "
+                                   "than under the base"))
     return out
+
+
+def _min_share_line(check: str, name: str, share, minimum: float, missing: str, what: str) -> GateLine:
+    """A share that must reach `minimum`; skipped when there was nothing to measure it on."""
+    if not _number(share):
+        return GateLine("skip", check, name, missing)
+    return GateLine("pass" if share >= minimum else "fail", check, name,
+                    f"{share:.1%} {what} (needs at least {minimum:.1%})")
 
 
 def _suite_lines(gate, name: str, c: dict, b: dict, suites: list[str]) -> list[GateLine]:
