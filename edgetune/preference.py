@@ -30,7 +30,7 @@ from edgetune.losses import dpo_loss, kto_loss, orpo_loss
 from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, read_adapter_config, save_adapter, trainable_count
 from edgetune.runtime import mlx_core
 from edgetune.sft import target_logprobs, to_micro_batch
-from edgetune.stage import environment, prepare_run_folder, start_or_resume
+from edgetune.stage import prepare_run_folder, run_manifest, start_or_resume
 from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
 
 mx = mlx_core()
@@ -248,7 +248,6 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     summary (also written to summary.json). Raises UserError for a missing section, bad data or
     init_from, and the shared loop's errors."""
     from edgetune.models import load_recipe_model
-    from edgetune.recipe import recipe_to_dict
     from edgetune.sft_data import collate
 
     from edgetune.recipe import require_data
@@ -342,21 +341,9 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
 
-    manifest = {
-        "stage": stage,
-        "recipe": recipe_to_dict(recipe),
-        "data_files": data.files,
-        "data_stats": data.stats,
-        "model_path": str(loaded.path),
-        "init_adapter": str(init_adapter) if init_adapter else None,
-        "reference_fingerprint": fingerprint,
-        "dtype": loaded.why_dtype,
-        "memory_plan": plan.to_json(),  # the predicted peak by part, and why each `auto` value was chosen
-        "steps": steps,
-        "batches_per_epoch": per_epoch,
-        "trainable_parameters": trainable_count(model),
-        "environment": environment(),
-    }
+    manifest = run_manifest(stage, recipe, loaded, data, plan, steps, per_epoch, model,
+                            init_adapter=str(init_adapter) if init_adapter else None,
+                            reference_fingerprint=fingerprint)
     state, metrics = start_or_resume(out, manifest, stage, resume, model, optimizer, echo)
 
     loss_fn = make_loss_fn(stage, cfg)

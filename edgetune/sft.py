@@ -22,7 +22,7 @@ from edgetune.losses import sft_loss_from_logprobs, token_logprobs
 from edgetune.lora import LoraSpec, attach_lora, save_adapter, trainable_count
 from edgetune.packing import check_packing_supported, packing_caches
 from edgetune.runtime import mlx_core
-from edgetune.stage import environment, prepare_run_folder, start_or_resume
+from edgetune.stage import prepare_run_folder, run_manifest, start_or_resume
 from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
 
 mx = mlx_core()
@@ -118,7 +118,7 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     """Train per `recipe`; returns the summary dict (also written to summary.json)."""
     from edgetune.models import load_recipe_model
     from edgetune.plan import apply_memory_limits, previous_section, resolve_auto
-    from edgetune.recipe import recipe_to_dict, require_data
+    from edgetune.recipe import require_data
     from edgetune.sft_data import make_batches, padding_fraction
 
     require_data(recipe, "sft")
@@ -169,19 +169,7 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
 
-    manifest = {
-        "stage": "sft",
-        "recipe": recipe_to_dict(recipe),
-        "data_files": data.files,
-        "data_stats": data.stats,
-        "model_path": str(loaded.path),
-        "dtype": loaded.why_dtype,
-        "memory_plan": plan.to_json(),  # the predicted peak by part, and why each `auto` value was chosen
-        "steps": steps,
-        "batches_per_epoch": per_epoch,
-        "trainable_parameters": trainable_count(model),
-        "environment": environment(),
-    }
+    manifest = run_manifest("sft", recipe, loaded, data, plan, steps, per_epoch, model)
     state, metrics = start_or_resume(out, manifest, "sft", resume, model, optimizer, echo)
 
     eval_batches = [to_micro_batch(b) for b in make_batches(data.eval, cfg.batch_size, cfg.max_seq_len,

@@ -102,6 +102,28 @@ def environment() -> dict:
     }
 
 
+def run_manifest(stage: str, recipe, loaded, data, plan, steps: int, per_epoch: int, model, **extra) -> dict:
+    """manifest.json of a training stage: resolved recipe, data files and hashes, model, dtype, memory plan,
+    schedule, trainable parameters and environment; `extra` adds the stage's own keys."""
+    from edgetune.lora import trainable_count
+    from edgetune.recipe import recipe_to_dict
+
+    return {
+        "stage": stage,
+        "recipe": recipe_to_dict(recipe),
+        "data_files": data.files,
+        "data_stats": data.stats,
+        "model_path": str(loaded.path),
+        **extra,
+        "dtype": loaded.why_dtype,
+        "memory_plan": plan.to_json(),  # the predicted peak by part, and why each `auto` value was chosen
+        "steps": steps,
+        "batches_per_epoch": per_epoch,
+        "trainable_parameters": trainable_count(model),
+        "environment": environment(),
+    }
+
+
 def start_or_resume(out: Path, manifest: dict, section: str, resume: bool, model, optimizer,
                     echo) -> tuple:
     """Restore the newest complete checkpoint when resuming (after checking the recipe and
