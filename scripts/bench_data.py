@@ -203,17 +203,21 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         print(proc.stdout)
-        cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+        user, system = usage.ru_utime - before.ru_utime, usage.ru_stime - before.ru_stime
+        cpu = user + system
         peak = usage.ru_maxrss / 1024  # KiB on Linux: the largest RSS of the build or one of its workers
         report = json.loads((out / "report.json").read_text())
         rows = sum(o["rows"] for split in report["outputs"].values() for o in split.values())
         floor = decode_floor(log)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(f"events: {args.events:,}  build: {seconds:.1f} s wall, {cpu:.1f} s CPU (build and workers)  "
+        print(f"events: {args.events:,}  build: {seconds:.1f} s wall, {cpu:.1f} s CPU (build and workers; "
+              f"{user:.1f} s user, {system:.1f} s system)  "
               f"{args.events / seconds:,.0f} events/s  peak RSS: {peak:,.0f} MiB  rows written: {rows:,}")
         # On a machine shared with other jobs the wall time measures them too; the CPU time does
         # not (much). Events per CPU-second times the CPUs bounds what the build would do alone
         # (a bound: it assumes every step keeps every CPU busy, and the merge is one process).
+        # The system time is mostly the kernel's page-cache work for the staging files and the
+        # outputs: it varies with the machine's free memory more than with the build's code.
         print(f"CPU per event: {cpu / args.events * 1e6:.0f} us: at most {args.events / cpu * cpus:,.0f} events/s "
               f"on {cpus} otherwise idle CPUs; load average now: "
               f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")

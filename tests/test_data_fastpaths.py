@@ -1,10 +1,11 @@
 """The fast paths of `edgetune data build`, each held to the plain definition it replaces.
 
-orjson decodes log lines and encodes rows; the stdlib json is the fallback
-and the definition (same objects, same bytes, same error messages). The
-cheap checks in front of `pii.scrub` and `rules.normalize_whitespace` must
-only ever skip texts the full work would leave as they are. The merge copies
-byte ranges of the staged rows.
+msgspec decodes and checks valid log lines (wire.py, held to records.py in
+test_data_wire.py); orjson decodes the others and encodes rows; the stdlib
+json is the fallback and the definition (same objects, same bytes, same
+error messages). The cheap checks in front of `pii.scrub` and
+`rules.normalize_whitespace` must only ever skip texts the full work would
+leave as they are. The merge copies byte ranges of the staged rows.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def no_orjson(monkeypatch):
     """Run the build on the stdlib alone (forked workers inherit the patch)."""
     monkeypatch.setattr(stage, "_fast_loads", None)
     monkeypatch.setattr(stage, "_fast_dumps", None)
+    monkeypatch.setattr(stage, "_fast_records", None)
 
 
 def tricky_log(tmp_path: Path) -> Path:
@@ -76,6 +78,7 @@ def test_tricky_lines_decode_and_fail_as_the_stdlib_has_them(tmp_path, monkeypat
     log = tricky_log(tmp_path)
     fast = scan_logs([log])
     monkeypatch.setattr(stage, "_fast_loads", None)
+    monkeypatch.setattr(stage, "_fast_records", None)
     slow = scan_logs([log])
     assert fast.problems == slow.problems
     assert fast.counts == slow.counts
@@ -118,8 +121,8 @@ def test_row_json_is_compact_json_dumps_for_every_code_point(monkeypatch):
     assert json.loads(expected[-1])["prompt"][0]["content"] == "lone \ud83d surrogate"
 
 
-def test_build_without_orjson_gives_byte_identical_outputs(tmp_path, monkeypatch):
-    """The whole build, in worker processes over many chunks, with and without orjson."""
+def test_build_without_orjson_or_msgspec_gives_byte_identical_outputs(tmp_path, monkeypatch):
+    """The whole build, in worker processes over many chunks, with and without orjson and msgspec."""
     log = tmp_path / "log.jsonl"
     log.write_bytes((FIXTURES / "signals.jsonl").read_bytes() + ASSET.read_bytes()
                     + (FIXTURES / "invalid.jsonl").read_bytes() + tricky_log(tmp_path).read_bytes())
@@ -128,6 +131,7 @@ def test_build_without_orjson_gives_byte_identical_outputs(tmp_path, monkeypatch
     build([log], tmp_path / "fast", options, jobs=2)
     monkeypatch.setattr(stage, "_fast_loads", None)
     monkeypatch.setattr(stage, "_fast_dumps", None)
+    monkeypatch.setattr(stage, "_fast_records", None)
     build([log], tmp_path / "slow", options, jobs=2)
     assert folder_bytes(tmp_path / "fast") == folder_bytes(tmp_path / "slow")
 

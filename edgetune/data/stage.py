@@ -5,7 +5,10 @@ for `.gz` and imported formats). `stage_chunk` runs in a worker process per
 chunk and decodes every line exactly once, because JSON decoding is most of
 the cost of a build:
 
-- every record is validated; problems come back with chunk-relative lines;
+- every record is validated (a valid line is decoded and checked in one C
+  pass by wire.py; any other falls back to orjson or the stdlib and
+  records.py, which word the reasons); problems come back with
+  chunk-relative lines;
 - conversations come back as an index entry `(id, position, unused)`, and
   the ones with an inline signal, and all comparisons, are curated right
   away (rules.py), scrubbed (pii.py) and *staged*: their rows are written in
@@ -47,7 +50,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from edgetune.data import pii, rules
-from edgetune.data.records import (RECORD_TYPES, Bad, Conversation, FeedbackRecord, build_record,
+from edgetune.data.records import (RECORD_TYPES, ROLES, Bad, Conversation, FeedbackRecord, build_record,
                                    check_conversation, validate_record)
 from edgetune.data.source import Invalid, iter_jsonl
 from edgetune.errors import UserError
@@ -56,6 +59,10 @@ try:  # 2x faster than the stdlib on log lines, 5x on rows; optional (see `_deco
     from orjson import OPT_APPEND_NEWLINE as _APPEND_NEWLINE, dumps as _fast_dumps, loads as _fast_loads
 except ImportError:  # pragma: no cover - the parity test runs the build without it too
     _fast_dumps = _fast_loads = None
+try:  # decodes and checks a valid line in half the time of orjson and records.py (wire.py)
+    from edgetune.data.wire import WireComparison, decode as _fast_records
+except ImportError:  # pragma: no cover - the parity test runs the build without it too
+    WireComparison, _fast_records = None, None
 
 POSITION_BITS = 40  # position = file index << 40 | byte offset (or line/ordinal): one int that sorts in log order
 PII_KINDS = ("email", "phone", "card", "ip")
@@ -149,14 +156,17 @@ def _open_binary(path: str, buffering: int = READ_BUFFER) -> IO[bytes]:
         raise UserError(f"{path}: cannot open ({e.strerror or e})") from None
 
 
-def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None
-               ) -> Iterator[tuple[int, int, dict | Invalid, bytes | None]]:
+def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None, checked: bool = False
+               ) -> Iterator[tuple[int, int, object, bytes | None]]:
     """Yield `(position, line, object_or_Invalid, raw line)` for each record of `chunk`, in order.
 
     A "lines" chunk owns the lines that *start* in [start, end); its line
     numbers count from 1 at its first line, and the number of lines it spans
     is put in `lines_out[0]`. The raw line is there for "lines" chunks only
     (None otherwise), for `_decode_line(raw, fast=False)`.
+
+    With `checked`, a line of a "lines" chunk that `wire.decode` finds valid
+    comes as what it returns (a checked record, see there), not as a dict.
     """
     base = chunk.file_index << POSITION_BITS
     if chunk.reader == "lines":
@@ -167,15 +177,18 @@ def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None
             offset = f.tell()
             lineno = 0
             readline, end, loads = f.readline, chunk.end, _fast_loads or _decode_line
+            decode_checked = _fast_records if checked else None
             while offset < end:
                 raw = readline()
                 if not raw:
                     break
                 lineno += 1
-                try:  # `_decode_line`'s fast path, inline: a call per line costs a tenth of the loop
-                    item = loads(raw) if raw[:1] == b"{" else _decode_line(raw)
-                except ValueError:  # a line orjson refuses: the stdlib decides
-                    item = _decode_line(raw)
+                item = decode_checked(raw) if decode_checked is not None else None
+                if item is None:  # not checked, or not valid as wire.decode reads it: the plain path
+                    try:  # `_decode_line`'s fast path, inline: a call per line costs a tenth of the loop
+                        item = loads(raw) if raw[:1] == b"{" else _decode_line(raw)
+                    except ValueError:  # a line orjson refuses: the stdlib decides
+                        item = _decode_line(raw)
                 if item is not None:
                     yield base | offset, lineno, item, raw
                 offset += len(raw)
@@ -191,22 +204,29 @@ def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None
             yield base | ordinal, lineno, item, None
 
 
-def fetch_records(chunk: Chunk, positions: list[int]) -> Iterator[tuple[int, dict]]:
-    """Yield `(position, object)` at the given sorted positions of `chunk` (for records read before)."""
+def fetch_conversations(chunk: Chunk, positions: list[int]) -> Iterator[tuple[int, object]]:
+    """Yield `(position, conversation record)` at the given sorted positions of `chunk`, where
+    conversations were found valid before (a `records.Conversation`, or what `wire.decode` makes)."""
     if chunk.reader == "lines":
         mask = (1 << POSITION_BITS) - 1
         with _open_binary(chunk.path, buffering=8192) as f:  # each seek refills the buffer: keep it small
             for pos in positions:
                 f.seek(pos & mask)
-                item = _decode_line(f.readline())
-                if not isinstance(item, dict):
-                    raise UserError(f"{chunk.path}: changed while edgetune was reading it; run the build again")
-                yield pos, item
+                raw = f.readline()
+                checked = _fast_records(raw) if _fast_records is not None else None
+                yield pos, checked[0] if type(checked) is tuple else _read_again(chunk, _decode_line(raw))
     else:
         wanted = set(positions)
         for pos, _, item, _ in iter_chunk(chunk):
             if pos in wanted:
-                yield pos, item
+                yield pos, _read_again(chunk, item)
+
+
+def _read_again(chunk: Chunk, obj) -> Conversation:
+    """The conversation record of `obj`, read before; UserError if it is not one now."""
+    if type(obj) is not dict or validate_record(obj) is not None or obj["type"] != "conversation":
+        raise UserError(f"{chunk.path}: changed while edgetune was reading it; run the build again")
+    return build_record(obj)
 
 
 # --- assembling rows -------------------------------------------------------------------
@@ -231,6 +251,9 @@ _NOT_PLAIN = pii.NEEDED + rules.ASCII_BREAKS
 # Maps the bytes of _NOT_PLAIN to NUL and every other byte to itself: bytes.translate returns its
 # input object itself when nothing changes, which is cheaper to find out than deleting them.
 _MARK_NOT_PLAIN = bytes(0 if c in _NOT_PLAIN else c for c in range(256))
+
+
+_ROLE_KEYS = {role: role.encode() + b"\x1f" for role in ROLES}  # how a message's dedup key part starts
 
 
 class _TextTable:
@@ -263,11 +286,12 @@ class _TextTable:
             # the full work runs, to the same result). The double space is looked for in the str:
             # `bytes in bytes` first tries the needle as an int, and raising and clearing that
             # TypeError costs more than the search.
-            key = text.encode("utf-8", "surrogatepass")
-            if (text.isascii() and key[:1] != b" " and key[-1:] != b" "
-                    and key.translate(_MARK_NOT_PLAIN) is key and "  " not in text):
-                hit = self.texts[id(text)] = (text, key, None)
-                return hit
+            if text.isascii():  # (then a plain encode gives the same bytes, in half the time)
+                key = text.encode()
+                if (key[:1] != b" " and key[-1:] != b" " and key.translate(_MARK_NOT_PLAIN) is key
+                        and "  " not in text):
+                    hit = self.texts[id(text)] = (text, key, None)
+                    return hit
             counts = self._counts
             if counts is None:
                 counts = self._counts = Counter()
@@ -283,10 +307,10 @@ class _TextTable:
         (role, \\x1f, normalised content: as in `rules.messages_key_text`) and its PII."""
         hit = self.pieces.get(id(m))
         if hit is None:
-            content = m["content"]
+            content, role = m["content"], m["role"]
             clean, key, found = self.texts.get(id(content)) or self.text(content)
-            hit = self.pieces[id(m)] = (m if found is None else {"role": m["role"], "content": clean},
-                                        m["role"].encode() + b"\x1f" + key, found)
+            hit = self.pieces[id(m)] = (m if found is None else {"role": role, "content": clean},
+                                        (_ROLE_KEYS.get(role) or role.encode() + b"\x1f") + key, found)
         return hit
 
     def messages(self, messages: list[dict]) -> tuple[list[dict], bytes, tuple | None]:
@@ -516,41 +540,49 @@ def stage_chunk(chunk: Chunk, options, staging: str | None) -> ChunkResult:
     kinds = dict.fromkeys(RECORD_TYPES, 0)  # records of each type; ints, not a Counter: 2 increments per record
     lines_out = [0]
     try:
-        for pos, lineno, obj, raw in iter_chunk(chunk, lines_out):
-            if type(obj) is Invalid:
-                reason = obj.reason
-            elif obj.get("type") == "conversation":  # most records: checked and summed up in one loop
-                try:
-                    unused, signal = check_conversation(obj)
-                    reason = None
-                except Bad as e:
-                    reason = str(e)
-            else:
-                reason = validate_record(obj)
-            if reason is not None:
-                if raw is not None and type(obj) is not Invalid:  # explain it from the stdlib's reading
-                    obj = _decode_line(raw, fast=False)
-                    reason = obj.reason if type(obj) is Invalid else validate_record(obj)
-                problems.append((lineno, reason))
-                continue
-            kind = obj["type"]
+        for pos, lineno, obj, raw in iter_chunk(chunk, lines_out, checked=True):
+            kind = type(obj)
+            if kind is tuple:  # a conversation that wire.decode checked: most records
+                record, unused, signal = obj
+                kind = "conversation"
+            elif kind is WireComparison:
+                record, kind = obj, "comparison"
+            elif kind is FeedbackRecord:
+                record, kind = obj, "feedback"
+            else:  # the plain path: a line wire.decode left to records.py, maybe invalid
+                if kind is Invalid:
+                    reason = obj.reason
+                elif obj.get("type") == "conversation":
+                    try:
+                        unused, signal = check_conversation(obj)
+                        reason = None
+                    except Bad as e:
+                        reason = str(e)
+                else:
+                    reason = validate_record(obj)
+                if reason is not None:
+                    if raw is not None and kind is not Invalid:  # explain it from the stdlib's reading
+                        obj = _decode_line(raw, fast=False)
+                        reason = obj.reason if type(obj) is Invalid else validate_record(obj)
+                    problems.append((lineno, reason))
+                    continue
+                record, kind = build_record(obj), obj["type"]
             kinds[kind] += 1
             if kind == "conversation":
                 if signal and out:  # only assistant messages may carry a signal (checked)
-                    conv = build_record(obj)
-                    curated = rules.curate_conversation(conv, None, options.correction_prompt)
-                    split = rules.split_of(options.seed, "conversation", conv.conversation_id, options.eval_fraction)
-                    out.add(pos, curated, split, conv.conversation_id)
+                    curated = rules.curate_conversation(record, None, options.correction_prompt)
+                    split = rules.split_of(options.seed, "conversation", record.conversation_id,
+                                           options.eval_fraction)
+                    out.add(pos, curated, split, record.conversation_id)
                     unused = curated.unused
-                conversations.append((obj["conversation_id"], pos, unused))
+                conversations.append((record.conversation_id, pos, unused))
             elif kind == "comparison":
                 if out:
-                    comp = build_record(obj)
-                    split = rules.split_of(options.seed, "comparison", comp.comparison_id, options.eval_fraction)
-                    out.add(pos, rules.curate_comparison(comp), split, None)
-                comparisons.append((obj["comparison_id"], pos))
+                    split = rules.split_of(options.seed, "comparison", record.comparison_id, options.eval_fraction)
+                    out.add(pos, rules.curate_comparison(record), split, None)
+                comparisons.append((record.comparison_id, pos))
             else:
-                result.feedback.append((lineno, build_record(obj)))
+                result.feedback.append((lineno, record))
     finally:
         if out:
             out.close()
@@ -588,10 +620,7 @@ def restage_conversations(chunk: Chunk, requests: list[tuple[int, list[tuple[obj
     orphans, unused = [], {}
     out = _Staging(staging, chunk, "b")
     try:
-        for pos, obj in fetch_records(chunk, [p for p, _ in requests]):
-            if validate_record(obj) is not None or obj["type"] != "conversation":
-                raise UserError(f"{chunk.path}: changed while edgetune was reading it; run the build again")
-            conv = build_record(obj)
+        for pos, conv in fetch_conversations(chunk, [p for p, _ in requests]):
             joined, lost = join_feedback(conv, feedback[pos])
             orphans += lost
             curated = rules.curate_conversation(conv, joined, options.correction_prompt)
