@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 from edgetune.fileio import atomic_dir, sha256_file, write_json
-from edgetune.runtime import mlx_core
 
 PREFIX = "step-"
 
@@ -43,14 +42,13 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(root: Path, state: TrainerState, adapter_files: Callable[[Path], None],
-                    optimizer_state: dict) -> Path:
-    """Write one checkpoint atomically; `adapter_files(folder)` writes the adapter into it."""
-    mx = mlx_core()
+                    optimizer_files: Callable[[Path], None]) -> Path:
+    """Write one checkpoint atomically; `adapter_files(folder)` and `optimizer_files(folder)`
+    write the adapter and the optimizer state (in the backend's own format) into it."""
     final = Path(root) / checkpoint_name(state.step)
     with atomic_dir(final, replace=True) as tmp:
         adapter_files(tmp)
-        if optimizer_state:
-            mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state)
+        optimizer_files(tmp)
         write_json(tmp / "trainer_state.json", state.to_json())
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         write_json(tmp / "MANIFEST.json", {"files": {n: sha256_file(tmp / n) for n in files}})
@@ -91,12 +89,8 @@ def latest_valid(root: Path, warn: Callable[[str], None]) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path) -> tuple[TrainerState, dict]:
-    mx = mlx_core()
-    state = TrainerState(**json.loads((folder / "trainer_state.json").read_text()))
-    opt_path = folder / "optimizer.safetensors"
-    optimizer_state = mx.load(str(opt_path)) if opt_path.exists() else {}
-    return state, optimizer_state
+def load_state(folder: Path) -> TrainerState:
+    return TrainerState(**json.loads((folder / "trainer_state.json").read_text()))
 
 
 def prune(root: Path, keep_last: int, keep: set[str] = frozenset()) -> None:

@@ -72,6 +72,10 @@ def _register() -> None:
 
     main.add_command(export)
 
+    from edgetune.doctor import doctor
+
+    main.add_command(doctor)
+
 
 _register()
 

@@ -87,6 +87,19 @@ def adapter_config(model, spec: LoraSpec) -> dict:
     }
 
 
+def lora_a_init(seed: int, layer: int, key: str, in_dims: int, rank: int):
+    """The starting `lora_a` [in_dims, rank] of one LoRA layer: uniform in +-1/sqrt(in_dims), as
+    mlx-lm draws it, but from numpy seeded by (seed, layer, key) — so the MLX and torch backends
+    start from the same adapter for the same recipe (`lora_b` starts at zero on both)."""
+    import zlib
+
+    import numpy as np
+
+    rng = np.random.default_rng([seed, layer, zlib.crc32(key.encode())])
+    bound = 1.0 / np.sqrt(in_dims)
+    return rng.uniform(-bound, bound, size=(in_dims, rank)).astype(np.float32)
+
+
 def attach_lora(model, spec: LoraSpec, seed: int) -> dict:
     """Freeze the base, add LoRA layers (deterministic init from `seed`), return the adapter config."""
     mx = mlx_core()
@@ -96,6 +109,16 @@ def attach_lora(model, spec: LoraSpec, seed: int) -> dict:
     model.freeze()
     mx.random.seed(seed)
     linear_to_lora_layers(model, cfg["num_layers"], cfg["lora_parameters"])
+    first = len(model.layers) - cfg["num_layers"]
+    inits = []
+    for i in range(first, len(model.layers)):
+        for key in cfg["lora_parameters"]["keys"]:
+            a = model.layers[i]
+            for part in key.split("."):
+                a = getattr(a, part)
+            init = lora_a_init(seed, i, key, a.lora_a.shape[0], a.lora_a.shape[1])
+            inits.append((f"model.layers.{i}.{key}.lora_a", mx.array(init).astype(a.lora_a.dtype)))
+    model.load_weights(inits, strict=False)
     return cfg
 
 

@@ -286,9 +286,9 @@ def device_budget(backend: str = "mlx") -> Budget:
             return Budget(int(float(override) * GB), "EDGETUNE_MEMORY_BUDGET_GB", gpu)
         except ValueError:
             raise UserError(f"EDGETUNE_MEMORY_BUDGET_GB={override!r}: expected a number of gigabytes") from None
-    if backend == "torch":
+    if backend == "torch" and _torch_cuda():
         return cuda_budget()
-    if gpu:
+    if gpu and backend != "torch":
         from edgetune.runtime import mlx_core
 
         info = mlx_core().device_info()
@@ -318,6 +318,16 @@ def cuda_budget() -> Budget:
         raise UserError("backend: torch: no CUDA device; set backend: mlx, or EDGETUNE_MEMORY_BUDGET_GB")
     free, _total = torch.cuda.mem_get_info()
     return Budget(int(free), f"CUDA free memory ({torch.cuda.get_device_name()})", gpu=True)
+
+
+def _torch_cuda() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _metal_available() -> bool:

@@ -26,15 +26,14 @@ import numpy as np
 from edgetune.errors import UserError
 from edgetune.kernels import training_kernels
 from edgetune.fileio import sha256_file, write_json
-from edgetune.losses import dpo_loss, kto_loss, orpo_loss
-from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, read_adapter_config, save_adapter, trainable_count
+from edgetune.losses import dpo_loss, kto_loss, orpo_loss, token_logprobs
+from edgetune.lora import LoraSpec, read_adapter_config
 from edgetune.runtime import mlx_core
-from edgetune.sft import target_logprobs, to_micro_batch
+from edgetune.sft import hidden_states, output_logits, to_micro_batch
 from edgetune.stage import prepare_run_folder, run_manifest, start_or_resume
-from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
+from edgetune.trainer import LoopSettings, MicroBatch, train
 
 mx = mlx_core()
-import mlx.optimizers as optim  # noqa: E402
 
 STAGES = ("dpo", "kto", "orpo")
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -50,30 +49,74 @@ def sequence_logprobs(model, tokens, select, targets, weights):
     `select`/`targets`/`weights` are `sft.to_micro_batch`'s flat supervised positions of the [R, T]
     batch; the row of a flat position is `position // T` (padding entries have weight 0).
     """
-    lp = target_logprobs(model, tokens, select, targets) * weights
+    h = hidden_states(model, tokens)
+    lp = head_logprobs(model, h.reshape(-1, h.shape[-1])[select], targets) * weights
     rows = select // tokens.shape[1]
     zeros = mx.zeros((tokens.shape[0],), mx.float32)
     return zeros.at[rows].add(lp), zeros.at[rows].add(weights)
 
 
-def make_loss_fn(stage: str, cfg) -> Callable:
+# Supervised positions whose [rows, vocabulary] logits the head's backward pass holds at a time.
+HEAD_CHUNK = 32
+
+
+def head_logprobs(model, h, targets):
+    """log p(target) [S] from final hidden states h [S, D] at supervised positions; the values of
+    `losses.token_logprobs(sft.output_logits(model, h), targets)`.
+
+    Why: the head's backward pass runs while every layer's activations are still alive, and
+    autodiff would keep the [S, V] float32 logits from the forward pass plus [S, V] temporaries
+    for the softmax and its gradient (3 x 233 MB at 384 positions and a 151,936 vocabulary). Here
+    the backward pass recomputes the logits HEAD_CHUNK rows at a time, each chunk waiting for the
+    previous one (`mx.depends`), so only one chunk's [HEAD_CHUNK, V] arrays exist at once.
+    Measured on a compiled DPO step at the qwen2.5-0.5b shape (4 rows x 240 tokens): peak 5.36 ->
+    4.81 GB, for one more head matmul per step. Assumes the head is frozen (LoRA adapts only
+    in-block layers, lora.py): no gradient is returned for its weights.
+    """
+    @mx.custom_function
+    def logprobs(h):
+        return token_logprobs(output_logits(model, h), targets)
+
+    @logprobs.vjp
+    def logprobs_vjp(primals, cotangent, output):
+        h = primals[0] if isinstance(primals, (list, tuple)) else primals
+        parts = []
+        for start in range(0, h.shape[0], HEAD_CHUNK):
+            chunk = h[start: start + HEAD_CHUNK]
+            if parts:
+                chunk = mx.depends(chunk, parts[-1])
+            t = targets[start: start + HEAD_CHUNK]
+            _, (d_chunk,) = mx.vjp(lambda x: token_logprobs(output_logits(model, x), t), [chunk],
+                                   [cotangent[start: start + HEAD_CHUNK]])
+            parts.append(d_chunk)
+        return mx.concatenate(parts)
+
+    return logprobs(h)
+
+
+def make_loss_fn(stage: str, cfg, backend=None) -> Callable:
     """`loss_fn(model, tokens, select, targets, weights, *extra) -> (loss_sum, n, aux)` for `stage`.
 
     Rows come in pairs [chosen, rejected, ...] for dpo/orpo; `extra` is the reference log-probs
-    per row (dpo, kto) and the desirable flags per row (kto).
+    per row (dpo, kto) and the desirable flags per row (kto). `backend` (MLX when None) supplies
+    the forward and its own copy of the losses.
     """
+    seq_logprobs, L = sequence_logprobs, None
+    if backend is not None and backend.name != "mlx":
+        seq_logprobs, L = backend.sequence_logprobs, backend.losses
+    dpo, kto, orpo = (dpo_loss, kto_loss, orpo_loss) if L is None else (L.dpo_loss, L.kto_loss, L.orpo_loss)
     if stage == "dpo":
         def loss_fn(model, tokens, select, targets, weights, ref):
-            logps, _ = sequence_logprobs(model, tokens, select, targets, weights)
-            return dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.loss, cfg.label_smoothing)
+            logps, _ = seq_logprobs(model, tokens, select, targets, weights)
+            return dpo(logps[0::2], logps[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.loss, cfg.label_smoothing)
     elif stage == "kto":
         def loss_fn(model, tokens, select, targets, weights, ref, desirable):
-            logps, _ = sequence_logprobs(model, tokens, select, targets, weights)
-            return kto_loss(logps, ref, desirable, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+            logps, _ = seq_logprobs(model, tokens, select, targets, weights)
+            return kto(logps, ref, desirable, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
     elif stage == "orpo":
         def loss_fn(model, tokens, select, targets, weights):
-            logps, ntoks = sequence_logprobs(model, tokens, select, targets, weights)
-            return orpo_loss(logps[0::2], logps[1::2], ntoks[0::2], ntoks[1::2], cfg.beta)
+            logps, ntoks = seq_logprobs(model, tokens, select, targets, weights)
+            return orpo(logps[0::2], logps[1::2], ntoks[0::2], ntoks[1::2], cfg.beta)
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return loss_fn
@@ -177,25 +220,158 @@ def spec_from_adapter(cfg: dict, folder: Path) -> LoraSpec:
 def compute_reference(model, rows, batch_size: int, echo, label: str) -> np.ndarray:
     """Summed completion log-probs of every row under the model as it is now (dropout off), [len(rows)].
 
-    Rows are scored in length-sorted batches (little padding); the result is in row order.
+    Rows that share their prompt (a DPO pair's chosen and rejected; KTO completions of one prompt)
+    have that prompt run once, its keys and values feeding every completion of the group
+    (`score_shared_prompts`): a pair's second prompt is not computed again (on the bench's
+    multi-turn pairs, 29% fewer forward tokens). Batches hold about `batch_size` rows of similar
+    length; the result is in row order. Families not known to take a per-row position offset
+    (see `SHARED_PROMPT_MODEL_TYPES`) are scored as whole, padded rows (`score_rows`).
     """
-    from edgetune.pref_data import group_batches
+    out = np.zeros(len(rows), np.float32)
+    shared = getattr(getattr(model, "args", None), "model_type", None) in SHARED_PROMPT_MODEL_TYPES
+    done, next_report, started = 0, 0.1, time.perf_counter()
+    # The same kernels as the training loop, so the reference is what the policy computes at step 0.
+    with training_kernels(model):
+        for batch in reference_batches(rows, batch_size):
+            index = [i for group in batch for i in group]
+            if shared and all(rows[group[0]].prompt_len >= 2 for group in batch):
+                logps = score_shared_prompts(model, [[rows[i] for i in group] for group in batch])
+            else:
+                logps = score_rows(model, [rows[i] for i in index])
+            out[index] = np.array(logps)
+            done += len(index)
+            if done / len(rows) >= next_report or done == len(rows):
+                echo(f"reference {label}: {done}/{len(rows)} completions scored "
+                     f"({time.perf_counter() - started:.1f} s)")
+                next_report += 0.25
+    return out
+
+
+# Families whose attention takes the RoPE offset and the mask from the cache object and accepts a
+# per-row offset array (mx.fast.rope does): checked against a fresh forward by tests/test_pref.py.
+SHARED_PROMPT_MODEL_TYPES = {"llama", "qwen2"}
+
+
+def prompt_groups(rows) -> list[list[int]]:
+    """Indices of rows whose inputs before the first supervised position are the same tokens, in
+    first-seen order. A row with a prompt under 2 tokens has nothing to share and stays alone."""
+    groups: list[list[int]] = []
+    by_prefix: dict[bytes, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.prompt_len < 2:
+            groups.append([i])
+            continue
+        key = np.asarray(row.tokens[: row.prompt_len - 1], np.int32).tobytes()
+        if key not in by_prefix:
+            by_prefix[key] = []
+            groups.append(by_prefix[key])
+        by_prefix[key].append(i)
+    return groups
+
+
+def reference_batches(rows, batch_size: int) -> list[list[list[int]]]:
+    """Prompt groups, sorted by their longest row and cut into batches of up to `batch_size` rows
+    (a larger group is a batch of its own); a pure function of the rows."""
+    groups = sorted(prompt_groups(rows), key=lambda g: (max(rows[i].n_positions for i in g), g[0]))
+    batches: list[list[list[int]]] = []
+    size = 0
+    for group in groups:
+        if not batches or size + len(group) > batch_size:
+            batches.append([])
+            size = 0
+        batches[-1].append(group)
+        size += len(group)
+    return batches
+
+
+def score_rows(model, rows) -> "mx.array":
+    """Summed completion log-probs [R] of whole rows in one padded batch (the training loop's path)."""
     from edgetune.sft_data import collate
 
-    out = np.zeros(len(rows), np.float32)
-    groups = group_batches([r.n_positions for r in rows], batch_size, 0, 0)
-    done, next_report, started = 0, 0.1, time.perf_counter()
-    for group in groups:
-        mb = to_micro_batch(collate([[rows[i]] for i in group]))
-        # The same kernels as the training loop, so the policy equals its reference exactly at step 0.
-        with training_kernels(model):
-            logps, _ = sequence_logprobs(model, *mb.arrays[:4])
-            out[group] = np.array(logps)
-        done += len(group)
-        if done / len(rows) >= next_report or done == len(rows):
-            echo(f"reference {label}: {done}/{len(rows)} completions scored ({time.perf_counter() - started:.1f} s)")
-            next_report += 0.25
-    return out
+    mb = to_micro_batch(collate([[r] for r in rows]))
+    logps, _ = sequence_logprobs(model, *mb.arrays[:4])
+    return logps
+
+
+class _PromptRecorder:
+    """Stand-in cache for the prompt pass: plain causal attention from position 0, keeping each
+    layer's (RoPE-rotated) keys and values for the completions."""
+
+    offset = 0
+    keys = values = None
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        if window_size is not None:
+            raise ValueError("sliding-window attention is not supported by the shared-prompt reference pass")
+        return "causal"
+
+    def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class _AfterPrompt:
+    """Stand-in cache for the completion pass: row r continues its group's prompt, so its positions
+    start at that prompt's length (`offset`, one per row) and it attends to the prompt's keys (up to
+    that length; the rest is the padding of shorter prompts) and causally to its own tokens."""
+
+    def __init__(self, keys, values, offset, mask):
+        self.prompt_keys, self.prompt_values, self.offset, self.mask = keys, values, offset, mask
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        return self.mask
+
+    def update_and_fetch(self, keys, values):
+        return (mx.concatenate([self.prompt_keys, keys], axis=2),
+                mx.concatenate([self.prompt_values, values], axis=2))
+
+
+def score_shared_prompts(model, groups) -> np.ndarray:
+    """Summed completion log-probs [R] of `groups` (lists of rows with the same inputs before their
+    first supervised position), rows in group order.
+
+    Two passes: the G prompts (all but their last token, right-padded to the longest) with a
+    recording cache, then the R completions (each from its prompt's last token, right-padded)
+    attending to their prompt's keys/values. RoPE makes attention depend on relative positions
+    only, and every position sees exactly the tokens it sees in a whole-row forward, so the
+    log-probs equal whole-row scoring up to float rounding (tests/test_pref.py). The output head
+    runs only at completion positions; the prompt pass never reaches it.
+    """
+    prefix_lens = [g[0].prompt_len - 1 for g in groups]
+    rows = [r for g in groups for r in g]
+    owner = np.asarray([i for i, g in enumerate(groups) for _ in g], np.int32)
+    width_p = max(prefix_lens)
+    prompts = np.zeros((len(groups), width_p), np.int32)
+    for i, g in enumerate(groups):
+        prompts[i, : prefix_lens[i]] = g[0].tokens[: prefix_lens[i]]
+    # Completion inputs run from the prompt's last token to the row's second-to-last token; each
+    # position predicts the next token, all of them completion tokens.
+    lengths = [len(r.tokens) - r.prompt_len for r in rows]
+    width_c = max(lengths)
+    inputs = np.zeros((len(rows), width_c), np.int32)
+    targets, positions = [], []
+    for j, r in enumerate(rows):
+        inputs[j, : lengths[j]] = r.tokens[r.prompt_len - 1: -1]
+        targets.append(r.tokens[r.prompt_len:])
+        positions.append(j * width_c + np.arange(lengths[j]))
+
+    recorders = [_PromptRecorder() for _ in model.layers]
+    model.model(mx.array(prompts), recorders)  # only the keys/values are used (lazy: the rest never runs)
+    offsets = np.asarray(prefix_lens, np.int32)[owner]
+    sees_prompt = np.arange(width_p)[None, :] < offsets[:, None]  # [R, width_p]
+    causal = np.tril(np.ones((width_c, width_c), bool))
+    mask = np.concatenate([np.broadcast_to(sees_prompt[:, None, :], (len(rows), width_c, width_p)),
+                           np.broadcast_to(causal, (len(rows), width_c, width_c))], axis=2)[:, None]
+    take = mx.array(owner)
+    caches = [_AfterPrompt(rec.keys[take], rec.values[take], mx.array(offsets), mx.array(mask))
+              for rec in recorders]
+    h = model.model(mx.array(inputs), caches)
+    h = h.reshape(-1, h.shape[-1])[mx.array(np.concatenate(positions).astype(np.int32))]
+    lp = token_logprobs(output_logits(model, h), mx.array(np.concatenate(targets).astype(np.int32)))
+    # Summed in float64: a float32 running sum of ~100 terms near -1 drifts by a few units in the
+    # last place (1.5e-5 near -160), as much as everything else here together.
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    return np.bincount(row_of, weights=np.array(lp, np.float64), minlength=len(rows)).astype(np.float32)
 
 
 def reference_fingerprint(model_path: Path, config: dict, quantize, init_adapter: Path | None, data) -> str:
@@ -232,6 +408,9 @@ def load_or_compute_reference(path: Path, fingerprint: str, model, data, batch_s
     model.eval()
     ref = {split: compute_reference(model, data.rows[split], batch_size, echo, split)
            for split in ("train", "eval") if data.rows[split]}
+    # The pass's freed buffers have other shapes than the training batches': hand them back rather
+    # than let MLX's cache hold them through training (process RSS; MLX's peak counts no cache).
+    mx.clear_cache()
     tmp = path.with_name(".tmp." + path.name)
     mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in ref.items()}, metadata={"fingerprint": fingerprint})
     tmp.replace(path)
@@ -247,12 +426,13 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     """Train `stage` ("dpo", "kto" or "orpo") per the recipe's section of that name; returns the
     summary (also written to summary.json). Raises UserError for a missing section, bad data or
     init_from, and the shared loop's errors."""
-    from edgetune.models import load_recipe_model
+    from edgetune.backends import choose_backend, get_backend
+    from edgetune.recipe import require_data, with_backend
     from edgetune.sft_data import collate
 
-    from edgetune.recipe import require_data
-
     require_data(recipe, stage)
+    backend_name, backend_why = choose_backend(recipe.backend)
+    recipe = with_backend(recipe, backend_name)
     cfg = getattr(recipe, stage)
     if cfg is None:
         raise UserError(f"the recipe has no `{stage}:` section; add one (every key has a default) to run "
@@ -268,7 +448,9 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     checkpoints = out / "checkpoints"
     prepare_run_folder(out, resume, force)
 
-    loaded = load_recipe_model(recipe, echo)
+    backend = get_backend(backend_name)
+    echo(f"backend: {backend_name} ({backend_why})")
+    loaded = backend.load(recipe, echo)
     model, tokenizer = loaded.model, loaded.tokenizer
     data = prepare_data(recipe, stage, tokenizer, loaded.config["vocab_size"], echo)
     if stage == "kto":
@@ -287,19 +469,17 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     else:
         spec = spec_from_adapter(read_adapter_config(init_adapter), init_adapter)
         _warn_other_base(init_adapter, loaded.path, echo)
-    adapter_cfg = attach_lora(model, spec, cfg.seed)
+    adapter_cfg = backend.attach_lora(model, spec, cfg.seed)
     # Recorded so `edgetune export ADAPTER` finds the base of an adapter copied out of its run.
     adapter_cfg["base_model"] = recipe.model
     if init_adapter is not None:
-        load_adapter_weights(model, init_adapter)
+        backend.load_adapter(model, init_adapter)
         echo(f"init_from: {init_adapter} (rank {spec.rank}, alpha {spec.alpha:g}, {spec.layers} layers; "
              f"the {stage}.lora keys are ignored: the adapter is continued as it is)")
     if cfg.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+        backend.enable_grad_checkpoint(model)
     echo(f"LoRA: rank {spec.rank}, alpha {spec.alpha:g}, {len(adapter_cfg['lora_parameters']['keys'])} targets "
-         f"x {adapter_cfg['num_layers']} layers = {trainable_count(model):,} trainable parameters")
+         f"x {adapter_cfg['num_layers']} layers = {backend.trainable_count(model):,} trainable parameters")
 
     ref = None
     fingerprint = None
@@ -307,18 +487,22 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     if stage != "orpo":
         fingerprint = reference_fingerprint(loaded.path, loaded.config, recipe.quantize, init_adapter, data)
         _check_same_reference(out / "manifest.json", fingerprint, resume)
-        ref = load_or_compute_reference(out / REFERENCE_FILE, fingerprint, model, data,
-                                        cfg.batch_size * data.per_item, echo)
+        if backend.name == "mlx":
+            ref = load_or_compute_reference(out / REFERENCE_FILE, fingerprint, model, data,
+                                            cfg.batch_size * data.per_item, echo)
+        else:
+            ref = reference_on_backend(backend, out / REFERENCE_FILE, fingerprint, model, data,
+                                       cfg.batch_size * data.per_item, echo)
     reference_s = time.perf_counter() - reference_started
 
     def items_batch(split: str, items: list[int]) -> MicroBatch:
         """The micro-batch of these items (pairs or completions): rows in order, with their extras."""
         k = data.per_item
         rows = [i * k + j for i in items for j in range(k)]
-        mb = to_micro_batch(collate([[data.rows[split][r]] for r in rows]))
-        extra = () if ref is None else (mx.array(ref[split][rows]),)
+        mb = backend.micro_batch(collate([[data.rows[split][r]] for r in rows], backend.pad_multiple))
+        extra = () if ref is None else (backend.array(ref[split][rows]),)
         if stage == "kto":
-            extra += (mx.array(data.labels[split][items]),)
+            extra += (backend.array(data.labels[split][items]),)
         return MicroBatch(mb.arrays[:4] + extra, mb.n_tokens, [data.rows[split][r].id for r in rows[::k]])
 
     from edgetune.pref_data import group_batches
@@ -337,41 +521,40 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     def micro_batch(cursor: int) -> MicroBatch:
         return items_batch("train", batches_of(cursor // per_epoch)[cursor % per_epoch])
 
-    schedule = make_schedule(cfg.lr_schedule, cfg.learning_rate, steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
-    optimizer.init(model.trainable_parameters())
+    optimizer = backend.make_optimizer(model, cfg, steps)
 
-    manifest = run_manifest(stage, recipe, loaded, data, plan, steps, per_epoch, model,
-                            init_adapter=str(init_adapter) if init_adapter else None,
+    manifest = run_manifest(stage, recipe, loaded, data, plan, steps, per_epoch, backend, model,
+                            backend_why=backend_why, init_adapter=str(init_adapter) if init_adapter else None,
                             reference_fingerprint=fingerprint)
-    state, metrics = start_or_resume(out, manifest, stage, resume, model, optimizer, echo)
+    state, metrics = start_or_resume(out, manifest, stage, resume, backend, model, optimizer, echo)
 
-    loss_fn = make_loss_fn(stage, cfg)
+    loss_fn = make_loss_fn(stage, cfg, backend)
     eval_groups = group_batches(data.lengths("eval"), cfg.batch_size, cfg.seed, 0) if data.rows["eval"] else []
     eval_batches = [items_batch("eval", g) for g in eval_groups[: cfg.eval_batches or None]]
 
     def evaluate() -> dict:
-        model.eval()  # no dropout in the measurement
+        backend.set_training(model, False)  # no dropout in the measurement
         try:
-            return evaluate_batches(model, loss_fn, eval_batches)
+            with backend.no_grad():
+                return evaluate_batches(model, loss_fn, eval_batches)
         finally:
-            model.train()
+            backend.set_training(model, True)
 
     def save(folder: Path) -> None:
-        save_adapter(model, adapter_cfg, folder)
+        backend.save_adapter(model, adapter_cfg, folder)
 
     settings = LoopSettings(steps, cfg.grad_accumulation, cfg.max_grad_norm, cfg.save_every, cfg.eval_every,
                             cfg.keep_checkpoints, cfg.max_nonfinite_steps, cfg.log_every, seed=cfg.seed)
     first_cursor = state.cursor
     t0 = time.perf_counter()
-    model.train()
-    state = train(model, optimizer, loss_fn, micro_batch, settings, checkpoints, save, state,
+    backend.set_training(model, True)
+    state = train(backend, model, optimizer, loss_fn, micro_batch, settings, checkpoints, save, state,
                   evaluate if eval_batches else None, metrics.write, echo)
     elapsed = time.perf_counter() - t0
-    model.eval()
+    backend.set_training(model, False)
 
     items_trained = sum(len(batches_of(c // per_epoch)[c % per_epoch]) for c in range(first_cursor, state.cursor))
-    save_adapter(model, adapter_cfg, out / "adapter")
+    backend.save_adapter(model, adapter_cfg, out / "adapter")
     summary = metrics.summary()
     steps_done = [r for r in metrics.records if r.get("loss") is not None and "eval" not in r]
     for key in ("accuracy", "margin", "reward_chosen", "reward_rejected", "reward_desirable",
@@ -382,7 +565,7 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
                     "items_trained": items_trained, "reference_s": reference_s,
                     "items_per_s": items_trained / elapsed if elapsed else None,
                     "best_checkpoint": str(checkpoints / "best") if (checkpoints / "best").exists() else None,
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9})
+                    "peak_memory_gb": backend.peak_memory_gb(), "backend": backend_name})
     write_json(out / "summary.json", summary)
     echo(summary_text(recipe, summary))
     return summary
@@ -393,11 +576,51 @@ def evaluate_batches(model, loss_fn, batches: list[MicroBatch]) -> dict:
     total, count, aux_sum = 0.0, 0.0, {}
     for b in batches:
         loss, n, aux = loss_fn(model, *b.arrays)
-        mx.eval(loss, n, aux)
         total, count = total + float(loss), count + float(n)
         for k, v in aux.items():
             aux_sum[k] = aux_sum.get(k, 0.0) + float(v)
     return {"loss": total / max(count, 1.0), **{k: v / max(count, 1.0) for k, v in aux_sum.items()}}
+
+
+def reference_on_backend(backend, path: Path, fingerprint: str, model, data, batch_size: int, echo) -> dict:
+    """`load_or_compute_reference` for a non-MLX backend: the same file (safetensors, fingerprint in
+    its metadata), the same length-sorted batches, scored through `backend`."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgetune.pref_data import group_batches
+    from edgetune.sft_data import collate
+
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            same = (f.metadata() or {}).get("fingerprint") == fingerprint
+        if same:
+            echo(f"reference log-probs: reusing {path.name} (fingerprint {fingerprint[:12]})")
+            return load_file(str(path))
+        echo(f"reference log-probs: {path.name} was computed for another model, starting adapter or data; "
+             "recomputing")
+    started = time.perf_counter()
+    backend.set_training(model, False)
+    ref = {}
+    for split in ("train", "eval"):
+        rows = data.rows[split]
+        if not rows:
+            continue
+        out = np.zeros(len(rows), np.float32)
+        for group in group_batches([r.n_positions for r in rows], batch_size, 0, 0):
+            mb = backend.micro_batch(collate([[rows[i]] for i in group], backend.pad_multiple))
+            with backend.no_grad():
+                logps, _ = backend.sequence_logprobs(model, *mb.arrays[:4])
+            out[group] = backend.to_host(logps)
+        ref[split] = out
+        echo(f"reference {split}: {len(rows)}/{len(rows)} completions scored ({time.perf_counter() - started:.1f} s)")
+    tmp = path.with_name(".tmp." + path.name)
+    save_file(ref, str(tmp), metadata={"fingerprint": fingerprint})
+    tmp.replace(path)
+    echo(f"reference log-probs: {sum(len(v) for v in ref.values())} completions in "
+         f"{time.perf_counter() - started:.1f} s, stored in {path.name}")
+    return ref
 
 
 def _check_same_reference(manifest: Path, fingerprint: str, resume: bool) -> None:
@@ -448,7 +671,7 @@ def summary_text(recipe, s: dict) -> str:
         change("reward_undesirable", "reward undesir."),
         ("  eval             " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items())) if ev
         else "  eval             (no eval split)",
-        f"  peak memory      {s['peak_memory_gb']:.2f} GB (MLX; one model, no reference copy)",
+        f"  peak memory      {s['peak_memory_gb']:.2f} GB ({s.get('backend', 'mlx')}; one model, no reference copy)",
         f"  adapter          {s['adapter']}",
         f"  try it           mlx_lm.generate --model {recipe.model} --adapter-path {s['adapter']} --prompt \"...\"",
     ]

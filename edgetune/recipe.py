@@ -344,6 +344,11 @@ class Recipe:
         return []
 
 
+def with_backend(recipe: Recipe, backend: str) -> Recipe:
+    """The recipe with `backend: auto` resolved (so manifests record what actually ran)."""
+    return dataclasses.replace(recipe, backend=backend)
+
+
 def require_data(recipe: Recipe, command: str) -> DataConfig:
     """The datasets a single-stage command reads; a `feedback:`-only recipe needs `edgetune run` first."""
     if recipe.data is None:

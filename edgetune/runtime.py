@@ -71,6 +71,22 @@ def setup_fast_blas() -> str:
     return why
 
 
+def limit_openblas_threads(n: int) -> bool:
+    """Cap the OpenBLAS loaded for MLX at `n` threads (True if it was loaded here).
+
+    The torch backend runs its own OpenMP threads on the CPU; OpenBLAS's pthreads on top of them
+    oversubscribe the cores (measured 2.6x slower torch steps on 2 cores), while torch's matmuls
+    that resolve to OpenBLAS stay fast on one of its threads.
+    """
+    if not _state["blas"] or _state["blas"].startswith("openblas (LD_PRELOAD"):
+        return False
+    try:
+        ctypes.CDLL(_state["blas"]).openblas_set_num_threads(n)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def blas_info() -> dict:
     return {"blas": _state["blas"], "why": _state["why"]}
 

@@ -19,14 +19,13 @@ import numpy as np
 from edgetune.errors import UserError
 from edgetune.fileio import sha256_file, write_json
 from edgetune.losses import sft_loss_from_logprobs, token_logprobs
-from edgetune.lora import LoraSpec, attach_lora, save_adapter, trainable_count
+from edgetune.lora import LoraSpec
 from edgetune.packing import check_packing_supported, packing_caches
 from edgetune.runtime import mlx_core
 from edgetune.stage import prepare_run_folder, run_manifest, start_or_resume
-from edgetune.trainer import LoopSettings, MicroBatch, make_schedule, train
+from edgetune.trainer import LoopSettings, MicroBatch, train
 
 mx = mlx_core()
-import mlx.optimizers as optim  # noqa: E402
 
 # Selected-position counts are rounded up to this, so the compiled step sees
 # few distinct shapes (each new shape costs a trace).
@@ -57,12 +56,29 @@ def target_logprobs(model, tokens, select, targets, segment_ids=None):
 
 
 def sft_loss_fn(model, tokens, select, targets, weights, segment_ids=None):
-    """(loss_sum, n_supervised) for one micro-batch; see `losses.sft_loss`."""
+    """(loss_sum, n_supervised) for one micro-batch on MLX; see `losses.sft_loss`."""
     return sft_loss_from_logprobs(target_logprobs(model, tokens, select, targets, segment_ids), weights)
 
 
-def to_micro_batch(batch) -> MicroBatch:
-    """numpy Batch (from sft_data) -> the arrays `sft_loss_fn` takes."""
+def make_sft_loss_fn(backend):
+    """`sft_loss_fn` for any backend: the head at supervised positions, then the summed cross-entropy."""
+    if backend.name == "mlx":
+        return sft_loss_fn
+
+    def loss_fn(model, tokens, select, targets, weights, segment_ids=None):
+        logps = backend.target_logprobs(model, tokens, select, targets, segment_ids)
+        return backend.losses.sft_loss_from_logprobs(logps, weights)
+
+    return loss_fn
+
+
+def host_arrays(batch) -> tuple[tuple, bool]:
+    """numpy Batch (from sft_data) -> ((tokens, select, targets, weights), packed) as numpy arrays.
+
+    `select` holds the flat supervised positions, padded with weight-0 entries up to a multiple of
+    SELECT_BUCKET; `packed` says whether some row holds more than one example (then attention
+    must follow `batch.segment_ids`). Shared by both backends, so they see the same batch.
+    """
     mask = batch.loss_mask.reshape(-1)
     flat = np.nonzero(mask > 0)[0]
     n = max(len(flat), 1)
@@ -72,8 +88,14 @@ def to_micro_batch(batch) -> MicroBatch:
     weights = np.zeros(size, np.float32)
     weights[: len(flat)] = mask[flat]
     targets = batch.targets.reshape(-1)[select].astype(np.int32)
-    arrays = (mx.array(batch.tokens), mx.array(select), mx.array(targets), mx.array(weights))
     packed = bool((batch.segment_ids.max(axis=1) > 1).any())
+    return (batch.tokens, select, targets, weights), packed
+
+
+def to_micro_batch(batch) -> MicroBatch:
+    """numpy Batch (from sft_data) -> the MLX arrays `sft_loss_fn` takes."""
+    host, packed = host_arrays(batch)
+    arrays = tuple(mx.array(a) for a in host)
     if packed:
         arrays += (mx.array(batch.segment_ids),)
     return MicroBatch(arrays, int((batch.segment_ids > 0).sum()), list(batch.example_ids),
@@ -116,12 +138,14 @@ def _data_files(data) -> list[Path]:
 
 def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Train per `recipe`; returns the summary dict (also written to summary.json)."""
-    from edgetune.models import load_recipe_model
+    from edgetune.backends import choose_backend, get_backend
     from edgetune.plan import apply_memory_limits, previous_section, resolve_auto
-    from edgetune.recipe import require_data
-    from edgetune.sft_data import make_batches, padding_fraction
+    from edgetune.recipe import require_data, with_backend
+    from edgetune.sft_data import make_batches, pad_rows, padding_fraction
 
     require_data(recipe, "sft")
+    backend_name, backend_why = choose_backend(recipe.backend)
+    recipe = with_backend(recipe, backend_name)
     # Plan memory from config.json alone and fill in `auto` values: a run that cannot fit is
     # refused here, before the model loads (a Metal out-of-memory would abort the process).
     recipe, plan = resolve_auto(recipe, "sft", echo=echo, previous=previous_section(
@@ -132,7 +156,9 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     checkpoints = out / "checkpoints"
     prepare_run_folder(out, resume, force)
 
-    loaded = load_recipe_model(recipe, echo)
+    backend = get_backend(backend_name)
+    echo(f"backend: {backend_name} ({backend_why})")
+    loaded = backend.load(recipe, echo)
     model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.packing:
         check_packing_supported(loaded.config.get("model_type", "?"))
@@ -140,22 +166,22 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
 
     spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets),
                     None if cfg.lora.layers in (None, "all") else int(cfg.lora.layers))
-    adapter_cfg = attach_lora(model, spec, cfg.seed)
+    adapter_cfg = backend.attach_lora(model, spec, cfg.seed)
     # Recorded so `edgetune export ADAPTER` finds the base of an adapter copied out of its run.
     adapter_cfg["base_model"] = recipe.model
     if cfg.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+        backend.enable_grad_checkpoint(model)
     echo(f"LoRA: rank {spec.rank}, alpha {spec.alpha}, {len(adapter_cfg['lora_parameters']['keys'])} targets "
-         f"x {adapter_cfg['num_layers']} layers = {trainable_count(model):,} trainable parameters")
+         f"x {adapter_cfg['num_layers']} layers = {backend.trainable_count(model):,} trainable parameters")
 
+    pad_multiple = cfg.max_seq_len if (cfg.packing and backend.static_packed_rows) else backend.pad_multiple
     epoch_batches: dict[int, list] = {}
 
     def batches_of(epoch: int) -> list:
         if epoch not in epoch_batches:
             epoch_batches.clear()  # one epoch in memory at a time
-            epoch_batches[epoch] = make_batches(data.train, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed, epoch)
+            epoch_batches[epoch] = make_batches(data.train, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed,
+                                                epoch, pad_multiple)
         return epoch_batches[epoch]
 
     per_epoch = len(batches_of(0))
@@ -163,53 +189,62 @@ def run_sft(recipe, resume: bool = False, force: bool = False, echo: Callable[[s
     steps = cfg.steps or max(1, -(-int(cfg.epochs * per_epoch) // cfg.grad_accumulation))
 
     def micro_batch(cursor: int) -> MicroBatch:
-        return to_micro_batch(batches_of(cursor // per_epoch)[cursor % per_epoch])
+        batch = batches_of(cursor // per_epoch)[cursor % per_epoch]
+        if backend.static_packed_rows:
+            batch = pad_rows(batch, cfg.batch_size)
+        return backend.micro_batch(batch, cfg.packing)
 
-    schedule = make_schedule(cfg.lr_schedule, cfg.learning_rate, steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
-    optimizer.init(model.trainable_parameters())
+    optimizer = backend.make_optimizer(model, cfg, steps)
 
-    manifest = run_manifest("sft", recipe, loaded, data, plan, steps, per_epoch, model)
-    state, metrics = start_or_resume(out, manifest, "sft", resume, model, optimizer, echo)
+    manifest = run_manifest("sft", recipe, loaded, data, plan, steps, per_epoch, backend, model,
+                            backend_why=backend_why)
+    state, metrics = start_or_resume(out, manifest, "sft", resume, backend, model, optimizer, echo)
 
-    eval_batches = [to_micro_batch(b) for b in make_batches(data.eval, cfg.batch_size, cfg.max_seq_len,
-                                                             cfg.packing, cfg.seed, 0)] if data.eval else []
+    eval_batches = [backend.micro_batch(b) for b in make_batches(data.eval, cfg.batch_size, cfg.max_seq_len,
+                                                                  cfg.packing, cfg.seed, 0, pad_multiple)
+                    ] if data.eval else []
     if cfg.eval_batches:
         eval_batches = eval_batches[: cfg.eval_batches]
+    loss_fn = make_sft_loss_fn(backend)
 
     def evaluate() -> dict:
-        return evaluate_loss(model, eval_batches)
+        return evaluate_loss(model, eval_batches, backend, loss_fn)
 
     def save(folder: Path) -> None:
-        save_adapter(model, adapter_cfg, folder)
+        backend.save_adapter(model, adapter_cfg, folder)
 
     settings = LoopSettings(steps, cfg.grad_accumulation, cfg.max_grad_norm, cfg.save_every, cfg.eval_every,
                             cfg.keep_checkpoints, cfg.max_nonfinite_steps, cfg.log_every, seed=cfg.seed)
     t0 = time.perf_counter()
-    model.train()
-    state = train(model, optimizer, sft_loss_fn, micro_batch, settings, checkpoints, save, state,
+    backend.set_training(model, True)
+    state = train(backend, model, optimizer, loss_fn, micro_batch, settings, checkpoints, save, state,
                   evaluate if eval_batches else None, metrics.write, echo)
     elapsed = time.perf_counter() - t0
-    model.eval()
+    backend.set_training(model, False)
 
     # The final adapter: the last step's weights (the best-by-eval copy stays in checkpoints/best).
-    save_adapter(model, adapter_cfg, out / "adapter")
+    backend.save_adapter(model, adapter_cfg, out / "adapter")
     summary = metrics.summary()
     summary.update({"steps": steps, "elapsed_s": elapsed, "adapter": str(out / "adapter"),
                     "best_checkpoint": str(checkpoints / "best") if (checkpoints / "best").exists() else None,
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9})
+                    "peak_memory_gb": backend.peak_memory_gb(), "backend": backend_name})
     write_json(out / "summary.json", summary)
     echo(summary_text(recipe, summary))
     return summary
 
 
-def evaluate_loss(model, batches: list[MicroBatch]) -> dict:
-    """Mean supervised-token loss and perplexity over pre-built eval batches."""
+def evaluate_loss(model, batches: list[MicroBatch], backend=None, loss_fn=None) -> dict:
+    """Mean supervised-token loss and perplexity over pre-built eval batches (MLX unless `backend`)."""
+    if backend is None:
+        from edgetune.backends import get_backend
+
+        backend = get_backend("mlx")
+    loss_fn = loss_fn or make_sft_loss_fn(backend)
     total, count = 0.0, 0.0
-    for b in batches:
-        loss, n = sft_loss_fn(model, *b.arrays)
-        mx.eval(loss, n)
-        total, count = total + float(loss), count + float(n)
+    with backend.no_grad():
+        for b in batches:
+            loss, n = loss_fn(model, *b.arrays)
+            total, count = total + float(loss), count + float(n)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
 
@@ -222,7 +257,7 @@ def summary_text(recipe, s: dict) -> str:
         f"  steps            {s['steps']} in {s['elapsed_s']:.1f} s",
         f"  train loss       {s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s.get("final_loss") is not None else "",
         f"  eval loss        {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})" if ev else "  eval loss        (no eval split)",
-        f"  peak memory      {s['peak_memory_gb']:.2f} GB (MLX)",
+        f"  peak memory      {s['peak_memory_gb']:.2f} GB ({s.get('backend', 'mlx')})",
         f"  adapter          {s['adapter']}",
         f"  try it           mlx_lm.generate --model {recipe.model} --adapter-path {s['adapter']} --prompt \"...\"",
     ]

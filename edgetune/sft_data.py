@@ -479,6 +479,20 @@ class Batch:
     n_supervised: int = 0
 
 
+def pad_rows(batch: Batch, rows: int) -> Batch:
+    """`batch` with empty rows (all padding, nothing supervised) added up to `rows` rows, so a
+    compiled step sees one [B, T] shape even for an epoch's last, short batch."""
+    extra = rows - batch.tokens.shape[0]
+    if extra <= 0:
+        return batch
+
+    def grow(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros((extra, a.shape[1]), a.dtype)])
+
+    return Batch(grow(batch.tokens), grow(batch.targets), grow(batch.loss_mask), grow(batch.segment_ids),
+                 list(batch.example_ids), batch.n_supervised)
+
+
 def make_batches(examples: Sequence[TokenizedExample], batch_size: int, max_seq_len: int, packing: bool,
                  seed: int, epoch: int, pad_multiple: int = 8) -> list[Batch]:
     """All batches of one epoch, a pure function of the arguments.

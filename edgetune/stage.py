@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 from edgetune.errors import UserError
-from edgetune.runtime import blas_info, mlx_core
 
 
 def prepare_run_folder(out: Path, resume: bool, force: bool) -> None:
@@ -85,27 +84,17 @@ class MetricsFile:
         }
 
 
-def environment() -> dict:
-    import mlx_lm
-
-    mx = mlx_core()
+def environment(backend) -> dict:
     import edgetune
 
-    return {
-        "edgetune": edgetune.__version__,
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(mx.default_device()),
-        "blas": blas_info(),
-    }
+    return {"edgetune": edgetune.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), **backend.describe()}
 
 
-def run_manifest(stage: str, recipe, loaded, data, plan, steps: int, per_epoch: int, model, **extra) -> dict:
+def run_manifest(stage: str, recipe, loaded, data, plan, steps: int, per_epoch: int, backend, model,
+                 backend_why: str = "", **extra) -> dict:
     """manifest.json of a training stage: resolved recipe, data files and hashes, model, dtype, memory plan,
-    schedule, trainable parameters and environment; `extra` adds the stage's own keys."""
-    from edgetune.lora import trainable_count
+    schedule, trainable parameters, backend (and why) and environment; `extra` adds the stage's own keys."""
     from edgetune.recipe import recipe_to_dict
 
     return {
@@ -119,18 +108,18 @@ def run_manifest(stage: str, recipe, loaded, data, plan, steps: int, per_epoch: 
         "memory_plan": plan.to_json(),  # the predicted peak by part, and why each `auto` value was chosen
         "steps": steps,
         "batches_per_epoch": per_epoch,
-        "trainable_parameters": trainable_count(model),
-        "environment": environment(),
+        "trainable_parameters": backend.trainable_count(model),
+        "backend": {"name": backend.name, "why": backend_why},
+        "environment": environment(backend),
     }
 
 
-def start_or_resume(out: Path, manifest: dict, section: str, resume: bool, model, optimizer,
+def start_or_resume(out: Path, manifest: dict, section: str, resume: bool, backend, model, optimizer,
                     echo) -> tuple:
     """Restore the newest complete checkpoint when resuming (after checking the recipe and
     data did not change), write the manifest, and open metrics.jsonl at the resumed step."""
     from edgetune import checkpoint as ckpt
     from edgetune.fileio import write_json
-    from edgetune.lora import load_adapter_weights
     from edgetune.trainer import restore
 
     state = ckpt.TrainerState(step=0, cursor=0)
@@ -138,7 +127,7 @@ def start_or_resume(out: Path, manifest: dict, section: str, resume: bool, model
         found = ckpt.latest_valid(out / "checkpoints", warn=lambda m: echo(f"warning: {m}"))
         if found is not None:
             check_resumable(out / "manifest.json", manifest, section)
-            state = restore(found, model, optimizer, lambda f: load_adapter_weights(model, f))
+            state = restore(backend, found, model, optimizer)
             echo(f"resuming from {found.name} (step {state.step}, {state.cursor} micro-batches consumed)")
         else:
             echo("no complete checkpoint found: starting from step 0")

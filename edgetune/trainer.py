@@ -4,9 +4,12 @@ Algorithms pass in what differs: a loss function `loss_fn(model, *arrays) ->
 (loss_sum, n_units)` or `(loss_sum, n_units, aux)` (aux: a dict of *summed* scalar
 metrics such as preference accuracy, averaged per unit and reported beside the
 loss) and `micro_batch(cursor) -> arrays`. This module owns
-what must not differ: compiled steps, token-normalised gradient accumulation,
-the non-finite guard, checkpoints, exact resume, evaluation cadence and
-progress. Callbacks only report; they never change training.
+what must not differ: token-normalised gradient accumulation, the non-finite
+guard, checkpoints, exact resume, evaluation cadence and progress. It never
+touches a tensor library: the tensor work (compiled steps, the optimizer
+update, memory readings) goes through the `edgetune.backends.Backend` passed
+in, so the same loop trains on MLX and on PyTorch. Callbacks only report; they
+never change training.
 """
 
 from __future__ import annotations
@@ -15,20 +18,12 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from edgetune import checkpoint as ckpt
 from edgetune.errors import UserError
 from edgetune.fileio import atomic_dir
-from edgetune.kernels import KERNELS_NOTE, training_kernels
-from edgetune.runtime import mlx_core
-
-mx = mlx_core()
-import mlx.nn as nn  # noqa: E402  (after the fast-BLAS set-up above)
-import mlx.optimizers as optim  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 
 @dataclass
@@ -49,31 +44,10 @@ class LoopSettings:
 class MicroBatch:
     """What the loop needs from an algorithm's batch."""
 
-    arrays: tuple  # mx arrays passed to loss_fn after the model
+    arrays: tuple  # backend arrays passed to loss_fn after the model
     n_tokens: int  # non-padding tokens, for tokens/s
     example_ids: list[str] = field(default_factory=list)
     compile_key: str = ""  # batches with different static structure compile separately
-
-
-def make_schedule(kind: str, lr: float, steps: int, warmup: int, min_lr_ratio: float = 0.0):
-    """Warm-up then constant / cosine / linear decay, as a function of the optimizer step."""
-    decay_steps = max(steps - warmup, 1)
-    end = lr * min_lr_ratio
-    if kind == "constant":
-        main = lambda step: mx.array(lr, mx.float32)  # noqa: E731
-    elif kind == "cosine":
-        main = optim.cosine_decay(lr, decay_steps, end)
-    elif kind == "linear":
-        main = optim.linear_schedule(lr, end, decay_steps)
-    else:
-        raise UserError(f"lr_schedule: {kind!r} is not one of constant, cosine, linear")
-    if warmup <= 0:
-        return main
-    return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
-
-
-def peak_memory_gb() -> float:
-    return mx.get_peak_memory() / 1e9
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -84,54 +58,12 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def make_grad_step(model, loss_fn: Callable, compile: bool = True) -> Callable:
-    """`grad_step(*arrays) -> (loss_sum, n_tokens, aux, grads)` for one micro-batch."""
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-
-    def grad_step(*arrays):
-        (loss, ntoks, *rest), grads = loss_and_grad(model, *arrays)
-        return loss, ntoks, (rest[0] if rest else {}), grads
-
-    if not compile:
-        return grad_step
-    # Declaring the model/RNG state as compile inputs and outputs is what makes the
-    # compiled step see updated LoRA weights (otherwise they are baked in as constants).
-    state = [model.state, mx.random.state]
-    return partial(mx.compile, inputs=state, outputs=state)(grad_step)
-
-
-def accumulate(grad_step: Callable, batches: list[MicroBatch], seeds: list[int] | None = None,
-               aux_sum: dict | None = None):
-    """Summed loss, token count and gradients over micro-batches (not yet normalised).
-
-    The loss function's summed aux metrics are added into `aux_sum` when given
-    (kept out of the return value so that callers that need none see three values).
-
-    Because losses are sums, batch 4 x accumulation 1 and batch 1 x
-    accumulation 4 give the same totals (tests/test_trainer.py).
-    """
-    grads_sum, loss_sum, ntoks_sum = None, 0.0, 0.0
-    aux_sum = {} if aux_sum is None else aux_sum
-    for i, batch in enumerate(batches):
-        if seeds is not None:
-            mx.random.seed(seeds[i])
-        loss, ntoks, aux, grads = grad_step(*batch.arrays)
-        grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-        loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
-        aux_sum.update({k: aux_sum.get(k, 0.0) + v for k, v in aux.items()})
-        mx.eval(loss_sum, ntoks_sum, grads_sum, aux_sum)  # bounded graph per micro-batch
-    return loss_sum, ntoks_sum, grads_sum
-
-
 def micro_seed(seed: int, cursor: int) -> int:
     return (seed * 1_000_003 + cursor) % (2**63)
 
 
-def global_norm(grads) -> "mx.array":
-    return mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
-
-
 def train(
+    backend,
     model,
     optimizer,
     loss_fn: Callable,
@@ -144,7 +76,7 @@ def train(
     report: Callable[[dict], None] = lambda record: None,
     echo: Callable[[str], None] = print,
 ) -> ckpt.TrainerState:
-    """Run optimizer steps `state.step+1 .. settings.steps`.
+    """Run optimizer steps `state.step+1 .. settings.steps` on `backend` (see `edgetune.backends`).
 
     `state` (and the optimizer/RNG/adapter, restored by the caller) say where
     to start, so a resumed run continues exactly where the checkpoint left it.
@@ -152,27 +84,19 @@ def train(
     (written to metrics.jsonl by the caller). Raises UserError after
     `max_nonfinite_steps` consecutive non-finite steps.
     """
-    with training_kernels(model) as fast:
-        if fast:
-            echo(KERNELS_NOTE)
-        return _loop(model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save_adapter, state,
-                     evaluate, report, echo)
+    with backend.training_context(model) as note:
+        if note:
+            echo(note)
+        return _loop(backend, model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save_adapter,
+                     state, evaluate, report, echo)
 
 
-def _loop(model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save_adapter, state,
+def _loop(backend, model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save_adapter, state,
           evaluate, report, echo) -> ckpt.TrainerState:
-    grad_step = make_grad_step(model, loss_fn, settings.compile)
-    full_state = [model.state, optimizer.state, mx.random.state]
-
-    def apply_update(grads, ntoks):
-        # Normalise by the supervised-token count of the whole accumulated batch.
-        grads = tree_map(lambda g: g / ntoks, grads)
-        if settings.max_grad_norm:
-            grads, _ = optim.clip_grad_norm(grads, settings.max_grad_norm)
-        optimizer.update(model, grads)
-
-    if settings.compile:
-        apply_update = partial(mx.compile, inputs=full_state, outputs=full_state)(apply_update)
+    grad_step = backend.make_grad_step(model, loss_fn, settings.compile)
+    # `update(grads, n)` normalises by the supervised-token count of the whole accumulated batch,
+    # clips and takes one optimizer step.
+    update = backend.make_update(model, optimizer, settings.max_grad_norm, settings.compile)
 
     started = time.perf_counter()
     tokens_seen = 0
@@ -185,13 +109,12 @@ def _loop(model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save
         # The RNG (dropout) is a pure function of (seed, cursor), so a resumed run
         # draws exactly what the uninterrupted run drew: no RNG state to save.
         aux_sum: dict = {}
-        loss_sum, ntoks_sum, grads_sum = accumulate(grad_step, batches, [micro_seed(settings.seed, c) for c in cursors],
-                                                    aux_sum)
+        loss_sum, ntoks_total, grads_sum = backend.accumulate(
+            grad_step, batches, [micro_seed(settings.seed, c) for c in cursors], aux_sum)
         n_tokens = sum(b.n_tokens for b in batches)
         ids = [i for b in batches for i in b.example_ids]
-        ntoks_total = float(ntoks_sum)
-        step_loss = float(loss_sum) / max(ntoks_total, 1.0)
-        norm = float(global_norm(grads_sum)) / max(ntoks_total, 1.0)
+        step_loss = loss_sum / max(ntoks_total, 1.0)
+        norm = backend.grad_norm(grads_sum) / max(ntoks_total, 1.0)
         if not (math.isfinite(step_loss) and math.isfinite(norm)):
             # Skip the update: one bad batch must not poison the adapter.
             state.nonfinite_in_row += 1
@@ -207,16 +130,15 @@ def _loop(model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save
             continue
         state.nonfinite_in_row = 0
         if ntoks_total:
-            apply_update(grads_sum, mx.array(ntoks_total, mx.float32))
-            mx.eval(model.trainable_parameters(), optimizer.state)
+            update(grads_sum, ntoks_total)
         state.step = step
         now = time.perf_counter()
         tokens_seen += n_tokens
         rate = tokens_seen / max(now - started, 1e-9)
-        lr = float(optimizer.learning_rate)
+        lr = backend.learning_rate(optimizer)
         record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": norm, "tokens": n_tokens,
                   "supervised_tokens": int(ntoks_total), "tok_s": n_tokens / max(now - step_started, 1e-9),
-                  "peak_memory_gb": peak_memory_gb()}
+                  "peak_memory_gb": backend.peak_memory_gb()}
         aux = {k: float(v) / max(ntoks_total, 1.0) for k, v in aux_sum.items()}
         record.update(aux)
         report(record)
@@ -234,14 +156,13 @@ def _loop(model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save
             if state.best_eval_loss is None or metrics["loss"] < state.best_eval_loss:
                 state.best_eval_loss, is_best = metrics["loss"], True
         if is_best or (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
-            _save(checkpoint_dir, state, save_adapter, optimizer, best=is_best)
+            _save(backend, checkpoint_dir, state, save_adapter, optimizer, best=is_best)
             ckpt.prune(checkpoint_dir, settings.keep_checkpoints)
     return state
 
 
-def _save(root: Path, state: ckpt.TrainerState, save_adapter, optimizer, best: bool = False) -> None:
-    opt_state = dict(tree_flatten(optimizer.state))
-    path = ckpt.save_checkpoint(root, state, save_adapter, opt_state)
+def _save(backend, root: Path, state: ckpt.TrainerState, save_adapter, optimizer, best: bool = False) -> None:
+    path = ckpt.save_checkpoint(root, state, save_adapter, lambda folder: backend.save_optimizer(optimizer, folder))
     if best:
         # `best/` is a copy, so pruning old step folders never removes the best weights.
         with atomic_dir(Path(root) / "best", replace=True) as tmp:
@@ -249,13 +170,9 @@ def _save(root: Path, state: ckpt.TrainerState, save_adapter, optimizer, best: b
                 shutil.copy2(f, tmp / f.name)
 
 
-def restore(folder: Path, model, optimizer, load_adapter: Callable[[Path], None]) -> ckpt.TrainerState:
-    """Load a checkpoint into model/optimizer/RNG; returns its TrainerState."""
-    state, opt_state = ckpt.load_checkpoint(folder)
-    load_adapter(folder)
-    optimizer.init(model.trainable_parameters())
-    if opt_state:
-        optimizer.state = tree_unflatten(list(opt_state.items()))
-        optimizer.init(model.trainable_parameters())  # marks it initialised, keeps loaded values
-    mx.eval(model.parameters(), optimizer.state)
+def restore(backend, folder: Path, model, optimizer) -> ckpt.TrainerState:
+    """Load a checkpoint's adapter and optimizer state into model/optimizer; returns its TrainerState."""
+    state = ckpt.load_state(folder)
+    backend.load_adapter(model, folder)
+    backend.load_optimizer(model, optimizer, folder)
     return state

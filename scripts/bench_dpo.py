@@ -15,7 +15,16 @@ mlx-lm-lora is installed with `pip install --no-deps --target DIR mlx-lm-lora`
 On Linux its `train_dpo` reads `mx.device_info()["max_recommended_working_set_size"]`,
 a Metal-only key; the bench supplies it (the machine's RAM) so the call runs on CPU.
 
-Usage: python scripts/bench_dpo.py [--pairs 32 --batch-size 4 --steps 8 --rank 8]
+The reference pass costs about one forward over the pairs, once per run, while the
+two-model approach scores the reference at every step: `--epochs 1 2` reports one
+pass over the pairs (the least favourable case for edgetune) and two (mlx-lm-lora draws
+each step's batch at random, so for it an epoch is the same number of steps and pairs,
+not each pair once; its cost per step does not depend on the epoch). Both sides of
+one configuration run back to back; with `--repeats 2` the second round runs them in
+the other order, so a change in the machine's load hits both. Each run reports the
+1-minute load average before and after it (the box is shared).
+
+Usage: python scripts/bench_dpo.py [--pairs 32 --batch-size 4 --epochs 1 2 --rank 8 --repeats 2]
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's edgetune, installed or not
 
 
 def make_pairs(n: int) -> list[dict]:
@@ -64,14 +74,17 @@ def run_edgetune(args, work: Path) -> dict:
                 "batch_size": args.batch_size, "learning_rate": 1e-5, "max_seq_len": args.max_seq_len,
                 "save_every": 0, "log_every": max(args.steps, 1)}}))
     mx.reset_peak_memory()
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     summary = run_preference(load_recipe(recipe_path), "dpo", force=True, echo=lambda m: print(m, file=sys.stderr))
     wall = time.perf_counter() - t0
     pairs = summary["items_trained"]
+    # Timed from the reference pass to the last step: model loading is left out on both sides.
     return {"side": "edgetune", "pairs": pairs, "train_s": summary["elapsed_s"], "reference_s": summary["reference_s"],
             "pairs_per_s": pairs / (summary["elapsed_s"] + summary["reference_s"]),
             "pairs_per_s_loop_only": pairs / summary["elapsed_s"], "wall_s": wall,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": _max_rss_gb()}
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": _max_rss_gb(),
+            "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
 def run_mlx_lm_lora(args, work: Path) -> dict:
@@ -109,12 +122,14 @@ def run_mlx_lm_lora(args, work: Path) -> dict:
                             steps_per_report=max(args.steps, 1), steps_per_eval=10**9, steps_per_save=10**9,
                             adapter_file=str(work / "mlx-lm-lora-adapters.safetensors"))
     load_s = time.perf_counter() - t_load
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     train_dpo(model, ref_model, optim.AdamW(learning_rate=1e-5), dataset, None, targs)
     train_s = time.perf_counter() - t0
     pairs = args.steps * args.batch_size
     return {"side": "mlx-lm-lora", "pairs": pairs, "train_s": train_s, "load_s": load_s, "pairs_per_s": pairs / train_s,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": _max_rss_gb()}
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": _max_rss_gb(),
+            "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
 def _max_rss_gb() -> float:
@@ -142,7 +157,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="model folder (default: build `--preset small` in the work folder)")
     ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
+    ap.add_argument("--epochs", type=int, nargs="+", default=[1],
+                    help="passes over the pairs, one configuration each (steps = epochs * pairs / batch size)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds; each round after the first swaps the order")
+    ap.add_argument("--first", choices=["edgetune", "mlx-lm-lora"], default="edgetune", help="which side runs first")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--mlx-lm-lora-path", default="/tmp/mlxlora", help="the --target folder of its pip install")
@@ -164,35 +183,57 @@ def main() -> None:
         args.model = work / "model-small"
         if not args.model.exists():
             build_tiny_model(args.model, preset="small", seed=0, pretrain=False)
+    if args.steps is None and args.pairs % args.batch_size:
+        sys.exit("--pairs must be a multiple of --batch-size with --epochs (mlx-lm-lora drops a partial batch)")
     prepare(args, work)
-    results = []
+    configs = [(None, args.steps)] if args.steps else [(e, e * args.pairs // args.batch_size) for e in args.epochs]
+    report = {"model": str(args.model), "pairs": args.pairs, "batch_size": args.batch_size, "rank": args.rank,
+              "max_seq_len": args.max_seq_len, "runs": []}
+    for round_ in range(args.repeats):
+        for epochs, steps in configs:
+            sides = ("edgetune", "mlx-lm-lora") if (round_ + (args.first != "edgetune")) % 2 == 0 \
+                else ("mlx-lm-lora", "edgetune")
+            results = {side: run_side(args, work, side, steps) for side in sides}
+            run = {"round": round_ + 1, "epochs": epochs, "steps": steps, "order": list(sides), **results}
+            e, m = results["edgetune"], results["mlx-lm-lora"]
+            if "error" not in e and "error" not in m:
+                run["pairs_per_s_ratio"] = e["pairs_per_s"] / m["pairs_per_s"]
+                run["peak_memory_ratio"] = e["peak_memory_gb"] / m["peak_memory_gb"]
+                run["rss_ratio"] = e["max_rss_gb"] / m["max_rss_gb"]
+            report["runs"].append(run)
+            print_run(run)
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=2))
+
+
+def run_side(args, work: Path, side: str, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--model", str(args.model),
+           "--pairs", str(args.pairs), "--batch-size", str(args.batch_size), "--steps", str(steps),
+           "--rank", str(args.rank), "--max-seq-len", str(args.max_seq_len),
+           "--mlx-lm-lora-path", args.mlx_lm_lora_path]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        print(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return {"side": side, "error": proc.stderr[-1000:]}
+    return json.loads(line[len("RESULT "):])
+
+
+def print_run(run: dict) -> None:
+    what = f"{run['epochs']} epoch(s), {run['steps']} steps" if run["epochs"] else f"{run['steps']} steps"
+    print(f"round {run['round']}, {what}, order {' then '.join(run['order'])}:", flush=True)
     for side in ("edgetune", "mlx-lm-lora"):
-        cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--model", str(args.model),
-               "--pairs", str(args.pairs), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--rank", str(args.rank), "--max-seq-len", str(args.max_seq_len),
-               "--mlx-lm-lora-path", args.mlx_lm_lora_path]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-            results.append({"side": side, "error": proc.stderr[-1000:]})
+        r = run[side]
+        if "error" in r:
+            print(f"  {side:<12} failed")
             continue
-        results.append(json.loads(line[len("RESULT "):]))
-    report = {"model": str(args.model), "pairs": args.pairs, "batch_size": args.batch_size, "steps": args.steps,
-              "rank": args.rank, "load_average": os.getloadavg(), "results": results}
-    ok = [r for r in results if "error" not in r]
-    if len(ok) == 2:
-        e, m = ok
-        report["pairs_per_s_ratio"] = e["pairs_per_s"] / m["pairs_per_s"]
-        report["peak_memory_ratio"] = e["peak_memory_gb"] / m["peak_memory_gb"]
-    for r in ok:
-        print(f"{r['side']:<12} {r['pairs_per_s']:7.2f} pairs/s  peak {r['peak_memory_gb']:.3f} GB (MLX)  "
-              f"max RSS {r['max_rss_gb']:.2f} GB")
-    if "pairs_per_s_ratio" in report:
-        print(f"edgetune / mlx-lm-lora: {report['pairs_per_s_ratio']:.2f}x pairs/s at "
-              f"{report['peak_memory_ratio']:.2f}x peak memory (goal: >= 1.5x at <= 0.6x)")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+        extra = (f" (training loop {r['pairs_per_s_loop_only']:.4f} pairs/s; reference pass {r['reference_s']:.1f} s, "
+                 f"loop {r['train_s']:.1f} s)" if side == "edgetune" else f" ({r['train_s']:.1f} s)")
+        print(f"  {side:<12} {r['pairs_per_s']:.4f} pairs/s{extra}  peak {r['peak_memory_gb']:.2f} GB (MLX)  "
+              f"max RSS {r['max_rss_gb']:.2f} GB  load {r['load_before']:.2f} -> {r['load_after']:.2f}")
+    if "pairs_per_s_ratio" in run:
+        print(f"  edgetune / mlx-lm-lora: {run['pairs_per_s_ratio']:.2f}x pairs/s at {run['peak_memory_ratio']:.2f}x "
+              f"peak memory (MLX), {run['rss_ratio']:.2f}x max RSS (goal: >= 1.5x at <= 0.6x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -222,3 +222,132 @@ def test_stale_reference_file_is_recomputed_and_a_matching_one_reused(tmp_path, 
     again = load_or_compute_reference(path, "new", model, data, 2, said.append)
     assert any("reusing" in m for m in said) and not any("scored" in m for m in said)
     np.testing.assert_array_equal(again["train"], fresh["train"])
+
+
+# --- the reference pass: shared prompts, and the chunked head of the training loss ---------------
+
+def _model_with_random_lora(model_dir):
+    """The tiny model + LoRA whose B is random (not zero), so the adapter changes every log-prob."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from edgetune.lora import LoraSpec, attach_lora
+    from edgetune.models import load_for_training
+    from edgetune.runtime import mlx_core
+
+    mx = mlx_core()
+    loaded = load_for_training(str(model_dir))
+    attach_lora(loaded.model, LoraSpec(4, 8.0), 0)
+    rng = np.random.default_rng(0)
+    loaded.model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
+                                        for k, v in tree_flatten(loaded.model.trainable_parameters())]))
+    loaded.model.eval()
+    return loaded
+
+
+def _rows_sharing_prompts(tokenizer):
+    """Pairs over two prompts of different lengths (three pairs share the long one), so batches mix
+    prompt lengths and a prompt group can be larger than a batch."""
+    short = [{"role": "user", "content": "Capital?"}]
+    raw = [parse_preference_row({"prompt": PROMPT if i % 2 else short, "chosen": msg("Paris is it. " * (i + 1)),
+                                 "rejected": msg("Lyon." * (3 - i % 3))}, "dpo", f"f:{i}") for i in range(5)]
+    pairs, _ = tokenize_pairs(raw, tokenizer, 512, "left", 10**6)
+    return [ex for p in pairs for ex in (p.chosen, p.rejected)]
+
+
+def _fresh_logps(model, rows) -> np.ndarray:
+    """Completion log-prob sums by the plain route: full logits of one unpadded row at a time,
+    mlx-lm's own attention and exp (no edgetune kernels, no cache)."""
+    from edgetune.runtime import mlx_core
+
+    mx = mlx_core()
+    out = []
+    for r in rows:
+        logits = model(mx.array(r.tokens[None, :-1]))[0].astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = np.array(mx.take_along_axis(lp, mx.array(r.tokens[1:])[:, None], axis=-1))[:, 0]
+        out.append(picked[r.prompt_len - 1:].sum())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_shared_prompt_reference_equals_a_fresh_forward_of_each_row(arch, tiny_model_dir, tiny_llama_dir,
+                                                                     monkeypatch):
+    from mlx_lm.utils import load_tokenizer
+
+    from edgetune import preference
+
+    model_dir = tiny_model_dir if arch == "qwen2" else tiny_llama_dir
+    loaded = _model_with_random_lora(model_dir)
+    rows = _rows_sharing_prompts(load_tokenizer(model_dir))
+    fresh = _fresh_logps(loaded.model, rows)
+    for batch_size in (1, 3, 16):
+        got = preference.compute_reference(loaded.model, rows, batch_size, lambda m: None, "train")
+        np.testing.assert_allclose(got, fresh, rtol=2e-7, atol=1e-5, err_msg=f"batch size {batch_size}")
+    # A family not known to take per-row offsets is scored as whole rows: the same numbers.
+    monkeypatch.setattr(preference, "SHARED_PROMPT_MODEL_TYPES", set())
+    whole = preference.compute_reference(loaded.model, rows, 3, lambda m: None, "train")
+    np.testing.assert_allclose(whole, fresh, rtol=2e-7, atol=1e-5)
+
+
+def test_reference_batches_run_each_prompt_once_and_cover_every_row_once(tokenizer):
+    from edgetune.preference import prompt_groups, reference_batches
+    from edgetune.sft_data import TokenizedExample
+
+    rows = _rows_sharing_prompts(tokenizer)
+    groups = prompt_groups(rows)
+    # Pairs 0, 2, 4 share the short prompt, pairs 1, 3 the long one: two prompts for ten rows.
+    assert groups == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7]]
+    for batch_size in (1, 3, 16):
+        batches = reference_batches(rows, batch_size)
+        assert sorted(i for b in batches for g in b for i in g) == list(range(len(rows)))
+        assert all(len(b) == 1 or sum(map(len, b)) <= batch_size for b in batches)
+    # A prompt under 2 tokens has nothing before its first supervised position: it stays alone.
+    bare = [TokenizedExample("a", np.array([5, 6, 7], np.int32), 1), TokenizedExample("b", np.array([5, 8], np.int32), 1)]
+    assert prompt_groups(bare) == [[0], [1]]
+
+
+def test_chunked_head_gives_the_full_head_loss_and_lora_gradients_compiled(tiny_model_dir, tokenizer):
+    """sequence_logprobs' head recomputes the logits HEAD_CHUNK rows at a time in its backward pass;
+    loss and every LoRA gradient must equal those of the plain full-logits head (sft.target_logprobs),
+    inside a compiled step as the trainer runs it, with a position count that is no multiple of
+    HEAD_CHUNK (> 2 chunks)."""
+    from functools import partial
+
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from edgetune.kernels import training_kernels
+    from edgetune.preference import HEAD_CHUNK, sequence_logprobs
+    from edgetune.runtime import mlx_core
+    from edgetune.sft import target_logprobs, to_micro_batch
+    from edgetune.sft_data import collate
+
+    mx = mlx_core()
+    model = _model_with_random_lora(tiny_model_dir).model
+    rows = _rows_sharing_prompts(tokenizer)
+    tokens, select, targets, weights = to_micro_batch(collate([[r] for r in rows])).arrays[:4]
+    n = int(np.array(weights).sum())
+    assert n > 2 * HEAD_CHUNK and n % HEAD_CHUNK
+
+    def chunked(tokens):
+        return (sequence_logprobs(model, tokens, select, targets, weights)[0] * mx.arange(1, 11)).sum()
+
+    def plain(tokens):
+        lp = target_logprobs(model, tokens, select, targets) * weights
+        per_row = mx.zeros((tokens.shape[0],), mx.float32).at[select // tokens.shape[1]].add(lp)
+        return (per_row * mx.arange(1, 11)).sum()
+
+    results = []
+    with training_kernels(model):
+        for loss in (chunked, plain):
+            step = partial(mx.compile, inputs=[model.state], outputs=[model.state])(nn.value_and_grad(model, loss))
+            value, grads = step(tokens)
+            results.append((float(value), dict(tree_flatten(grads))))
+    (v1, g1), (v2, g2) = results
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for k in g1:
+        # Chunked matmuls sum in another order: float32 rounding, relative to the tensor's scale.
+        a, b = np.array(g1[k]), np.array(g2[k])
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), k
+    assert any(np.abs(np.array(g)).max() > 0 for g in g1.values())

@@ -57,9 +57,17 @@ def write_data(folder: Path) -> None:
             f.write(json.dumps({"prompt": prompt_of(q), "completion": reply(r), "label": False}) + "\n")
 
 
-def write_recipe(folder: Path, model_dir: Path, stage: str, data: str, **section) -> Path:
+# The CLI training paths run on both backends; torch's skip cleanly without the extra installed.
+BACKENDS = ["mlx", pytest.param("torch", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("peft") is None, reason="the torch extra is not installed"))]
+# Stored reference vs an independent mlx_lm forward: the same library within 1e-5; torch against
+# mlx_lm is a cross-library comparison (float32 sums of ~40 log-probs), within 1e-4.
+REF_ATOL = {"mlx": 1e-5, "torch": 1e-4}
+
+
+def write_recipe(folder: Path, model_dir: Path, stage: str, data: str, backend: str = "mlx", **section) -> Path:
     write_data(folder)
-    recipe = {"model": str(model_dir), "output": str(folder / f"{stage}-run"),
+    recipe = {"model": str(model_dir), "backend": backend, "output": str(folder / f"{stage}-run"),
               "data": {"train": [data], "eval": [data]}, stage: {**COMMON, **section}}
     path = folder / f"{stage}.yaml"
     path.write_text(json.dumps(recipe))
@@ -112,17 +120,19 @@ def sft_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dpo_from_sft_adapter_learns_pairs_and_reference_matches_fresh_forward(tmp_path, tiny_model_dir,
-                                                                               sft_adapter):
-    recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "dpo.jsonl", steps=12, init_from=str(sft_adapter),
-                          beta=0.1)
+                                                                               sft_adapter, backend):
+    # The SFT adapter is MLX-trained: on torch this also continues an MLX adapter.
+    recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "dpo.jsonl", backend, steps=12,
+                          init_from=str(sft_adapter), beta=0.1)
     res = edgetune("dpo", str(recipe))
     assert res.returncode == 0, res.stderr
     assert "reference train: 12/12 completions scored" in res.stderr and "the dpo.lora keys are ignored" in res.stderr
     run = tmp_path / "dpo-run"
     # The reference is base + SFT adapter, exactly as an independent loader computes it.
     np.testing.assert_allclose(stored_reference(run), fresh_logps(tiny_model_dir, sft_adapter / "adapter",
-                                                                  pair_rows()), rtol=2e-7, atol=1e-5)
+                                                                  pair_rows()), rtol=2e-7, atol=REF_ATOL[backend])
     recs = [r for r in records(run) if r.get("loss") is not None]
     final_eval = [r["eval"] for r in records(run) if "eval" in r][-1]  # eval split = the training pairs
     assert final_eval["accuracy"] >= 0.95
@@ -137,33 +147,35 @@ def test_dpo_from_sft_adapter_learns_pairs_and_reference_matches_fresh_forward(t
 
 
 @pytest.mark.slow
-def test_kto_raises_desirable_and_lowers_undesirable_logprobs(tmp_path, tiny_model_dir):
-    recipe = write_recipe(tmp_path, tiny_model_dir, "kto", "kto.jsonl", steps=10, batch_size=12, beta=0.5)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kto_raises_desirable_and_lowers_undesirable_logprobs(tmp_path, tiny_model_dir, backend):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "kto", "kto.jsonl", backend, steps=10, batch_size=12, beta=0.5)
     res = edgetune("kto", str(recipe))
     assert res.returncode == 0, res.stderr
     run = tmp_path / "kto-run"
     rows = [(prompt_of(q), reply(x)) for q, c, r in TRIPLES for x in (c, r)]  # kto.jsonl order: up, down
     ref = stored_reference(run)
-    np.testing.assert_allclose(ref, fresh_logps(tiny_model_dir, None, rows), rtol=2e-7, atol=1e-5)
+    np.testing.assert_allclose(ref, fresh_logps(tiny_model_dir, None, rows), rtol=2e-7, atol=REF_ATOL[backend])
     after = fresh_logps(tiny_model_dir, run / "adapter", rows)
     assert np.all(after[0::2] > ref[0::2]), (after, ref)
     assert np.all(after[1::2] < ref[1::2]), (after, ref)
 
 
 @pytest.mark.slow
-def test_sigkilled_dpo_run_resumes_to_the_same_adapter_and_reuses_its_reference(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkilled_dpo_run_resumes_to_the_same_adapter_and_reuses_its_reference(tmp_path, tiny_model_dir, backend):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref_dir.mkdir(), killed_dir.mkdir()
     common = {"steps": 8, "batch_size": 2, "grad_accumulation": 2, "save_every": 4, "lr_schedule": "cosine",
               "warmup_steps": 2, "lora": {"rank": 8, "alpha": 16, "dropout": 0.1}, "loss": "sigmoid",
               "label_smoothing": 0.1, "log_every": 1}
-    ref = edgetune("dpo", str(write_recipe(ref_dir, tiny_model_dir, "dpo", "dpo.jsonl", **common)))
+    ref = edgetune("dpo", str(write_recipe(ref_dir, tiny_model_dir, "dpo", "dpo.jsonl", backend, **common)))
     assert ref.returncode == 0, ref.stderr
     # init_from: base -> the reference is the base model itself.
     np.testing.assert_allclose(stored_reference(ref_dir / "dpo-run"), fresh_logps(tiny_model_dir, None, pair_rows()),
-                               rtol=2e-7, atol=1e-5)
+                               rtol=2e-7, atol=REF_ATOL[backend])
 
-    recipe = write_recipe(killed_dir, tiny_model_dir, "dpo", "dpo.jsonl", **common)
+    recipe = write_recipe(killed_dir, tiny_model_dir, "dpo", "dpo.jsonl", backend, **common)
     proc = subprocess.Popen([sys.executable, "-m", "edgetune.cli", "dpo", str(recipe)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpts = killed_dir / "dpo-run" / "checkpoints"
@@ -186,8 +198,9 @@ def test_sigkilled_dpo_run_resumes_to_the_same_adapter_and_reuses_its_reference(
 
 
 @pytest.mark.slow
-def test_orpo_learns_pairs_without_a_reference(tmp_path, tiny_model_dir):
-    res = edgetune("orpo", str(write_recipe(tmp_path, tiny_model_dir, "orpo", "dpo.jsonl", steps=8, beta=0.5,
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_orpo_learns_pairs_without_a_reference(tmp_path, tiny_model_dir, backend):
+    res = edgetune("orpo", str(write_recipe(tmp_path, tiny_model_dir, "orpo", "dpo.jsonl", backend, steps=8, beta=0.5,
                                           learning_rate=2e-3)))
     assert res.returncode == 0, res.stderr
     run = tmp_path / "orpo-run"

@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The CLI training paths run on both backends; torch's skip cleanly without the extra installed.
+BACKENDS = ["mlx", pytest.param("torch", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("peft") is None, reason="the torch extra is not installed"))]
+
 PAIRS = [
     ("What is the capital of France?", "Paris is the capital of France."),
     ("Say hello to Ada.", "Hello, Ada!"),
@@ -27,12 +31,12 @@ def write_pairs(path: Path, pairs=PAIRS):
             f.write(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]}) + "\n")
 
 
-def write_recipe(folder: Path, model_dir: Path, **sft) -> Path:
+def write_recipe(folder: Path, model_dir: Path, backend: str = "mlx", **sft) -> Path:
     write_pairs(folder / "train.jsonl")
     write_pairs(folder / "eval.jsonl", PAIRS[:2])
     settings = {"lora": {"rank": 8, "alpha": 16}, "steps": 12, "batch_size": 2, "learning_rate": 3e-3,
                 "max_seq_len": 128, "save_every": 4, "eval_every": 0, "log_every": 1, **sft}
-    recipe = {"model": str(model_dir), "output": str(folder / "run"),
+    recipe = {"model": str(model_dir), "backend": backend, "output": str(folder / "run"),
               "data": {"train": ["train.jsonl"], "eval": ["eval.jsonl"]}, "sft": settings}
     path = folder / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is valid YAML
@@ -56,8 +60,10 @@ def adapter(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sft_learns_answers_that_mlx_lm_generate_reproduces_and_stops(tmp_path, tiny_model_dir):
-    recipe = write_recipe(tmp_path, tiny_model_dir, steps=200, batch_size=6, packing=False,
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sft_learns_answers_that_mlx_lm_generate_reproduces_and_stops(tmp_path, tiny_model_dir, backend):
+    # On torch this is also the crossing-over check: mlx_lm reads the torch-trained adapter.
+    recipe = write_recipe(tmp_path, tiny_model_dir, backend, steps=200, batch_size=6, packing=False,
                           lora={"rank": 16, "alpha": 32}, learning_rate=1e-3, save_every=0, log_every=25)
     res = edgetune("sft", str(recipe))
     assert res.returncode == 0, res.stderr
@@ -77,15 +83,16 @@ def test_sft_learns_answers_that_mlx_lm_generate_reproduces_and_stops(tmp_path, 
 
 
 @pytest.mark.slow
-def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, backend):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref_dir.mkdir(), killed_dir.mkdir()
     common = {"steps": 40, "lora": {"rank": 8, "alpha": 16, "dropout": 0.1}, "lr_schedule": "cosine",
               "warmup_steps": 3, "grad_accumulation": 2, "batch_size": 1, "packing": True}
-    ref = edgetune("sft", str(write_recipe(ref_dir, tiny_model_dir, **common)))
+    ref = edgetune("sft", str(write_recipe(ref_dir, tiny_model_dir, backend, **common)))
     assert ref.returncode == 0, ref.stderr
 
-    recipe = write_recipe(killed_dir, tiny_model_dir, **common)
+    recipe = write_recipe(killed_dir, tiny_model_dir, backend, **common)
     proc = subprocess.Popen([sys.executable, "-m", "edgetune.cli", "sft", str(recipe)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpts = killed_dir / "run" / "checkpoints"

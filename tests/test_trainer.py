@@ -7,11 +7,12 @@ import pytest
 
 from edgetune import checkpoint as ckpt
 from edgetune.errors import UserError
-from edgetune.lora import LoraSpec, attach_lora, load_adapter_weights, save_adapter
+from edgetune.lora import LoraSpec, attach_lora, save_adapter
 from edgetune.runtime import mlx_core
 from edgetune.sft import sft_loss_fn, to_micro_batch
 from edgetune.sft_data import TokenizedExample, collate
-from edgetune.trainer import LoopSettings, MicroBatch, accumulate, make_grad_step, restore, train
+from edgetune.backends.mlx_backend import MLXBackend, accumulate, make_grad_step
+from edgetune.trainer import LoopSettings, MicroBatch, restore, train
 from tests.mlx_models import make_model
 
 mx = mlx_core()
@@ -78,7 +79,7 @@ def _loop(model, steps, compile=True, nan_at=(), tmp=None, state=None, optimizer
         state = ckpt.TrainerState(0, 0)
     losses = []
     settings = LoopSettings(steps=steps, save_every=3, log_every=100, compile=compile, **(settings_kw or {}))
-    state = train(model, optimizer, sft_loss_fn, micro_batch, settings, tmp, lambda f: save_adapter(model, _cfg, f),
+    state = train(MLXBackend(), model, optimizer, sft_loss_fn, micro_batch, settings, tmp, lambda f: save_adapter(model, _cfg, f),
                   state, report=lambda r: losses.append(r.get("loss")), echo=lambda m: None)
     return losses, state, optimizer
 
@@ -109,7 +110,7 @@ def test_nonfinite_step_is_skipped_and_reported(tmp_path):
     optimizer.init(model.trainable_parameters())
     before = flat(model.trainable_parameters())
     records = []
-    train(model, optimizer, sft_loss_fn, lambda c: bad if c == 0 else b, LoopSettings(steps=1, save_every=0),
+    train(MLXBackend(), model, optimizer, sft_loss_fn, lambda c: bad if c == 0 else b, LoopSettings(steps=1, save_every=0),
           tmp_path, lambda f: None, ckpt.TrainerState(0, 0), report=records.append, echo=msgs.append)
     after = flat(model.trainable_parameters())
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -134,7 +135,7 @@ def test_resume_from_checkpoint_gives_identical_weights_and_losses(tmp_path):
     opt = optim.Adam(learning_rate=1e-2)
     folder = ckpt.latest_valid(tmp_path / "part", warn=print)
     assert folder.name == "step-0000003"
-    state = restore(folder, resumed, opt, lambda f: load_adapter_weights(resumed, f))
+    state = restore(MLXBackend(), folder, resumed, opt)
     rest, _, _ = _loop(resumed, 6, tmp=tmp_path / "part", state=state, optimizer=opt)
     np.testing.assert_allclose(part_losses + rest, full_losses, rtol=0, atol=1e-6)
     w_full, w_res = flat(full_model.trainable_parameters()), flat(resumed.trainable_parameters())

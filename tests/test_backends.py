@@ -1,0 +1,324 @@
+"""The backend interface: the torch backend against the MLX one on the same tiny model folders.
+
+Both libraries load the same Hugging Face folder and give the same logits, so for the same batch
+and the same LoRA weights the losses and every LoRA gradient must agree (float32, CPU), and the
+same recipe must follow the same loss trajectory on both. Skipped cleanly without torch/peft.
+"""
+
+import json
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from edgetune.backends import choose_backend, get_backend  # noqa: E402
+from edgetune.backends import torch_losses as TL  # noqa: E402
+from edgetune.backends.torch_backend import (AdamW, lr_at, positions_from_segments,  # noqa: E402
+                                             target_logprobs_head)
+from edgetune.errors import UserError  # noqa: E402
+from edgetune.lora import LoraSpec  # noqa: E402
+from edgetune.runtime import mlx_core  # noqa: E402
+from edgetune.sft_data import TokenizedExample, collate  # noqa: E402
+
+mx = mlx_core()
+from edgetune import losses as ML  # noqa: E402
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+# --- losses: the same hand-worked numbers as tests/test_losses.py, and equal to MLX's --------------
+
+def test_torch_losses_reproduce_the_hand_worked_examples():
+    loss, n = TL.sft_loss(t([[0.0, math.log(3.0)], [0.0, math.log(3.0)], [0.0, 0.0]]), torch.tensor([1, 0, 1]),
+                          t([1.0, 0.0, 1.0]))
+    assert abs(float(loss) - (-math.log(0.75) - math.log(0.5))) < 1e-6 and float(n) == 2
+    pc, pr, rc, rr = t([-1.0, -2.0, -3.0]), t([-2.0, -2.0, -1.0]), t([-1.0, -2.0, -2.0]), t([-1.0, -1.0, -2.0])
+    loss, n, aux = TL.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert abs(float(loss) - 2.261416) < 1e-5 and float(n) == 3
+    assert [float(aux[k]) for k in ("reward_chosen", "reward_rejected", "accuracy", "margin")] == [-0.5, -0.5, 2, 0]
+    loss, n, aux = TL.kto_loss(t([-1.0, -2.0, -3.0]), t([-2.0, -2.0, -2.0]), t([1.0, 1.0, 0.0]), beta=1.0)
+    assert abs(float(loss) - 1.037883) < 1e-5
+    assert abs(float(aux["reward_desirable"]) - 1.5) < 1e-6 and abs(float(aux["reward_undesirable"]) + 3) < 1e-6
+    half, quarter = math.log(0.5), math.log(0.25)
+    loss, n, aux = TL.orpo_loss(t([half, half, quarter]), t([half, quarter, half]), t([1.0] * 3), t([1.0] * 3), 1.0)
+    assert abs(float(loss) - 5.139712) < 1e-5 and float(aux["accuracy"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["dpo_sigmoid", "dpo_ipo", "dpo_hinge", "dpo_smoothed", "kto", "orpo"])
+def test_each_preference_loss_is_the_same_function_on_both_backends(kind):
+    rng = np.random.default_rng(3)
+    a, b, c, d = (rng.uniform(-3, -0.1, 6).astype(np.float32) for _ in range(4))
+    flags = np.array([1, 0, 1, 1, 0, 0], np.float32)
+
+    def run(L, conv):
+        if kind.startswith("dpo"):
+            loss_kind = {"dpo_smoothed": "sigmoid"}.get(kind, kind[4:])
+            return L.dpo_loss(*map(conv, (a, b, c, d)), 0.3, loss_kind, 0.1 if kind == "dpo_smoothed" else 0.0)
+        if kind == "kto":
+            return L.kto_loss(conv(a), conv(c), conv(flags), 0.7, 1.2, 0.8)
+        return L.orpo_loss(conv(a), conv(b), conv(np.full(6, 3.0, np.float32)), conv(np.full(6, 5.0, np.float32)), 0.4)
+
+    m_loss, m_n, m_aux = run(ML, mx.array)
+    t_loss, t_n, t_aux = run(TL, torch.from_numpy)
+    assert abs(float(m_loss) - float(t_loss)) < 1e-5 and float(m_n) == float(t_n)
+    assert set(m_aux) == set(t_aux)
+    for k in m_aux:
+        assert abs(float(m_aux[k]) - float(t_aux[k])) < 1e-5, k
+
+
+def test_chunked_head_values_and_gradient_equal_plain_autograd():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 50, (37,), generator=g)
+    up = torch.randn(37, generator=g, dtype=torch.float64)
+    import edgetune.backends.torch_backend as tb
+
+    chunk = tb.HEAD_CHUNK
+    tb.HEAD_CHUNK = 8  # several chunks, the last one partial
+    try:
+        out = target_logprobs_head(h, w, y)
+    finally:
+        tb.HEAD_CHUNK = chunk
+    (out.double() * up).sum().backward()
+    fused = h.grad.clone()
+    h.grad = None
+    ref = torch.log_softmax(h @ w.T, dim=-1).gather(1, y[:, None])[:, 0]
+    (ref * up).sum().backward()
+    # The head computes its logits in float32 (as on a GPU), hence float32 tolerances.
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    assert torch.allclose(fused, h.grad, atol=1e-5)
+
+
+def test_positions_restart_for_each_packed_example():
+    seg = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    assert positions_from_segments(seg).tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "linear"])
+def test_learning_rate_schedule_is_the_same_on_both_backends(kind):
+    from edgetune.backends.mlx_backend import make_schedule
+
+    mlx_schedule = make_schedule(kind, 1e-3, 20, 4, 0.1)
+    for step in range(25):
+        assert abs(float(mlx_schedule(mx.array(step))) - lr_at(step, kind, 1e-3, 20, 4, 0.1)) < 1e-9, step
+
+
+def test_adamw_follows_mlx_adamw_step_for_step():
+    import mlx.optimizers as optim
+
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(3, 4)).astype(np.float32)
+    grads = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(5)]
+    schedule = lambda s: 1e-2 * (s + 1) / 5  # noqa: E731
+    m_opt = optim.AdamW(learning_rate=lambda s: 1e-2 * (s + 1) / 5, weight_decay=0.1)
+    params = {"w": mx.array(w0)}
+    p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    t_opt = AdamW([("w", p)], schedule, 0.1)
+    for g in grads:
+        params = m_opt.apply_gradients({"w": mx.array(g)}, params)
+        p.grad = torch.from_numpy(g)
+        t_opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), np.array(params["w"]), atol=1e-6)
+
+
+# --- the same tiny model on both backends ------------------------------------------------------------
+
+def recipe_for(model_dir: Path, backend: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(model=str(model_dir), revision=None, trust_remote_code=False, quantize=None,
+                                 backend=backend)
+
+
+def examples(vocab: int, n: int = 4, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(8, 24))
+        out.append(TokenizedExample(f"ex{i}", rng.integers(3, vocab - 1, length).astype(np.int32),
+                                    int(rng.integers(2, length - 3))))
+    return out
+
+
+def both_backends(model_dir: Path, tmp_path: Path):
+    """MLX and torch models of `model_dir` with identical LoRA weights (B made non-zero, so that
+    gradients reach A as well)."""
+    spec = LoraSpec(rank=4, alpha=8.0)
+    out = {}
+    for name in ("mlx", "torch"):
+        b = get_backend(name)
+        loaded = b.load(recipe_for(model_dir, name), echo=lambda m: None)
+        cfg = b.attach_lora(loaded.model, spec, seed=0)
+        out[name] = (b, loaded.model, cfg)
+    b, model, cfg = out["mlx"]
+    from edgetune.lora import adapter_weights
+
+    weights = adapter_weights(model)
+    rng = np.random.default_rng(1)
+    model.load_weights([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)) if k.endswith("lora_b") else v)
+                        for k, v in weights.items()], strict=False)
+    b.save_adapter(model, cfg, tmp_path / "shared-adapter")
+    tb, tmodel, _ = out["torch"]
+    tb.load_adapter(tmodel, tmp_path / "shared-adapter")
+    return out
+
+
+def lora_grads_torch(model) -> dict:
+    from edgetune.backends.torch_backend import TorchBackend
+
+    return {k: p.grad.detach().numpy().T for k, p in TorchBackend()._lora_params(model).items()}
+
+
+@pytest.mark.parametrize("arch,packed", [("qwen2", False), ("qwen2", True), ("llama", False)])
+def test_same_batch_and_lora_give_the_same_sft_loss_and_gradients(tmp_path, tiny_model_dir, tiny_llama_dir,
+                                                                   arch, packed):
+    from mlx.utils import tree_flatten
+
+    from edgetune.sft import make_sft_loss_fn
+    from edgetune.sft_data import make_batches
+
+    model_dir = tiny_model_dir if arch == "qwen2" else tiny_llama_dir
+    models = both_backends(model_dir, tmp_path)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    batch = make_batches(examples(vocab), 4, 64, packed, 0, 0)[0]
+    assert (batch.segment_ids.max(axis=1) > 1).any() == packed
+    results = {}
+    for name, (b, model, _) in models.items():
+        mb = b.micro_batch(batch)
+        step = b.make_grad_step(model, make_sft_loss_fn(b), compile=False)
+        loss, n, _, grads = step(*mb.arrays)
+        if name == "mlx":
+            grads = {k: np.array(v) for k, v in tree_flatten(grads)}
+        else:
+            grads = lora_grads_torch(model)
+        results[name] = (float(loss), float(n), grads)
+    (m_loss, m_n, m_g), (t_loss, t_n, t_g) = results["mlx"], results["torch"]
+    assert m_n == t_n > 0
+    assert abs(m_loss - t_loss) / m_n < 1e-4
+    assert set(m_g) == set(t_g) and len(m_g) > 0
+    for k in m_g:
+        np.testing.assert_allclose(t_g[k], m_g[k], atol=1e-4, err_msg=k)
+    assert any(np.abs(g).max() > 1e-4 for k, g in m_g.items() if k.endswith("lora_a"))
+
+
+def test_same_pairs_give_the_same_dpo_loss_and_gradients(tmp_path, tiny_model_dir):
+    from mlx.utils import tree_flatten
+
+    from edgetune.preference import make_loss_fn
+
+    models = both_backends(tiny_model_dir, tmp_path)
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    rows = examples(vocab, 6, seed=5)  # three pairs: chosen, rejected, ...
+    batch = collate([[r] for r in rows])
+    ref = np.array([-30.0, -31.0, -25.0, -24.5, -40.0, -41.0], np.float32)
+    cfg = types.SimpleNamespace(beta=0.2, loss="sigmoid", label_smoothing=0.0)
+    results = {}
+    for name, (b, model, _) in models.items():
+        mb = b.micro_batch(batch)
+        step = b.make_grad_step(model, make_loss_fn("dpo", cfg, b), compile=False)
+        loss, n, aux, grads = step(*mb.arrays[:4], b.array(ref))
+        grads = {k: np.array(v) for k, v in tree_flatten(grads)} if name == "mlx" else lora_grads_torch(model)
+        results[name] = (float(loss), {k: float(v) for k, v in aux.items()}, grads)
+    (m_loss, m_aux, m_g), (t_loss, t_aux, t_g) = results["mlx"], results["torch"]
+    assert abs(m_loss - t_loss) < 1e-4
+    for k in m_aux:
+        assert abs(m_aux[k] - t_aux[k]) < 1e-4, k
+    for k in m_g:
+        np.testing.assert_allclose(t_g[k], m_g[k], atol=1e-4, err_msg=k)
+
+
+def test_adapters_cross_over_between_backends(tmp_path, tiny_model_dir):
+    """An adapter saved by torch is the MLX adapter format: mlx_lm.load takes it and gives the
+    logits the torch model gives; and torch continues from an MLX-saved adapter."""
+    from mlx_lm import load as mlx_load
+
+    models = both_backends(tiny_model_dir, tmp_path)
+    tb, tmodel, cfg = models["torch"]
+    with torch.no_grad():
+        for p in tb._lora_params(tmodel).values():
+            p.add_(0.01)  # torch-side weights that MLX has never seen
+    tb.save_adapter(tmodel, cfg, tmp_path / "from-torch")
+    assert (tmp_path / "from-torch" / "adapters.safetensors").is_file()
+    ids = np.array([[5, 17, 42, 8, 99, 3, 27, 64]], np.int32)
+    model, _ = mlx_load(str(tiny_model_dir), adapter_path=str(tmp_path / "from-torch"))
+    mlx_logits = np.array(model(mx.array(ids)).astype(mx.float32))
+    tb.set_training(tmodel, False)
+    with torch.no_grad():
+        torch_logits = tmodel(input_ids=torch.from_numpy(ids).long()).logits.numpy()
+    np.testing.assert_allclose(torch_logits, mlx_logits, atol=1e-4)
+
+
+def test_torch_fuse_and_save_gives_the_model_mlx_lm_gives_with_the_adapter(tmp_path, tiny_model_dir):
+    from mlx_lm import load as mlx_load
+    from transformers import AutoTokenizer
+
+    models = both_backends(tiny_model_dir, tmp_path)
+    tb, tmodel, _ = models["torch"]
+    tb.fuse_and_save(tmodel, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "fused")
+    ids = mx.array([[5, 17, 42, 8, 99, 3, 27, 64]])
+    fused, _ = mlx_load(str(tmp_path / "fused"))
+    with_adapter, _ = mlx_load(str(tiny_model_dir), adapter_path=str(tmp_path / "shared-adapter"))
+    np.testing.assert_allclose(np.array(fused(ids)), np.array(with_adapter(ids)), atol=1e-4)
+
+
+def test_resuming_with_the_other_backend_is_refused(tmp_path, tiny_model_dir):
+    models = both_backends(tiny_model_dir, tmp_path)
+    mb, mmodel, _ = models["mlx"]
+    tb, tmodel, _ = models["torch"]
+    cfg = types.SimpleNamespace(lr_schedule="constant", learning_rate=1e-3, warmup_steps=0, min_lr_ratio=0.0,
+                                weight_decay=0.0)
+    m_opt, t_opt = mb.make_optimizer(mmodel, cfg, 4), tb.make_optimizer(tmodel, cfg, 4)
+    (tmp_path / "ck").mkdir()
+    tb.save_optimizer(t_opt, tmp_path / "ck")
+    with pytest.raises(UserError, match="backend: torch"):
+        mb.load_optimizer(mmodel, m_opt, tmp_path / "ck")
+
+
+def test_auto_backend_on_a_linux_cpu_and_explicit_choices():
+    assert choose_backend("torch")[0] == "torch" and choose_backend("mlx")[0] == "mlx"
+    name, why = choose_backend("auto")
+    if not torch.cuda.is_available():  # Linux CPU with both installed: the one measured faster here
+        assert name == "torch" and "measured faster" in why
+    with pytest.raises(UserError, match="not one of"):
+        choose_backend("jax")
+
+
+@pytest.mark.slow
+def test_one_short_sft_run_ends_at_the_same_losses_on_both_backends(tmp_path, tiny_model_dir):
+    from edgetune.recipe import load_recipe
+    from edgetune.sft import run_sft
+    from tests.test_sft_e2e import write_recipe
+
+    losses = {}
+    for backend in ("mlx", "torch"):
+        folder = tmp_path / backend
+        folder.mkdir()
+        path = write_recipe(folder, tiny_model_dir, steps=10, packing=True, learning_rate=2e-3, backend=backend)
+        run_sft(load_recipe(path), echo=lambda m: None)
+        records = [json.loads(x) for x in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[backend] = [r["loss"] for r in records if "loss" in r and r.get("loss") is not None]
+        assert json.loads((folder / "run" / "manifest.json").read_text())["backend"]["name"] == backend
+    assert len(losses["mlx"]) == len(losses["torch"]) == 10
+    assert losses["mlx"][-1] < losses["mlx"][0] - 0.05  # it trains
+    np.testing.assert_allclose(losses["torch"], losses["mlx"], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sft_on_cuda_in_bf16_with_compile_learns(tmp_path, tiny_model_dir):
+    from edgetune.recipe import load_recipe
+    from edgetune.sft import run_sft
+    from tests.test_sft_e2e import write_recipe
+
+    path = write_recipe(tmp_path, tiny_model_dir, steps=30, packing=True, learning_rate=3e-3, backend="torch")
+    summary = run_sft(load_recipe(path), echo=lambda m: None)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["environment"]["dtype"] == "bfloat16" and manifest["environment"]["compiled"]
+    assert summary["final_loss"] < summary["first_loss"]
