@@ -1,4 +1,4 @@
-"""Preference training with LoRA on MLX: `edgetune dpo`, `edgetune kto`, `edgetune orpo`.
+"""Preference training with LoRA: `edgetune dpo`, `edgetune kto`, `edgetune orpo` (MLX or torch).
 
 One model in memory. DPO and KTO need the reference policy's log-prob of every
 completion; the reference is the starting policy (base, or base + the SFT
@@ -9,7 +9,9 @@ resume — never recomputed per step, and no second copy of the model is kept.
 ORPO needs no reference at all.
 
 Everything else — LoRA, batching, schedule, checkpoints, exact resume, guards,
-progress — is SFT's (`trainer.train`, `stage`, `sft.to_micro_batch`).
+progress — is SFT's (`trainer.train`, `stage`, the backend's micro-batches).
+The reference pass below is MLX's; `reference_on_backend` scores it through
+any other backend, into the same file format.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""Supervised fine-tuning with LoRA on MLX: `edgetune sft RECIPE`.
+"""Supervised fine-tuning with LoRA: `edgetune sft RECIPE` (MLX, or torch via `backend:`).
 
 Reads rows (an `edgetune data build` folder or common chat formats), tokenises
 them with the model's chat template (loss on completion tokens only, end of
 turn included), packs them into rows without cross-attention, and runs the
 shared training loop with a loss that computes the output head only at
 supervised positions — prompt positions never pay for the vocabulary matmul.
+`run_sft` is backend-neutral (`edgetune.backends`); the MLX forward helpers
+below (`target_logprobs`, `to_micro_batch`, ...) are what the MLX backend,
+evaluation and export use.
 """
 
 from __future__ import annotations
