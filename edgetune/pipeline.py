@@ -92,7 +92,12 @@ def run_pipeline(recipe, echo: Callable[[str], None] = print) -> dict:
     ledger = Ledger(root / PIPELINE_FILE)
     plan = stage_plan(recipe)
     resolved = recipe_to_dict(recipe)
-    base = _digest(resolved["model"], resolved.get("revision"), resolved.get("quantize"))
+    from edgetune.backends import choose_backend
+
+    # The backend that will train: a switch (say mlx -> torch) retrains rather than resuming
+    # another backend's checkpoints.
+    base = _digest(resolved["model"], resolved.get("revision"), resolved.get("quantize"),
+                   choose_backend(recipe.backend)[0])
     echo(f"run {root}: {' -> '.join(plan)}")
 
     upstream = ""  # the fingerprint chain: a changed stage invalidates everything after it

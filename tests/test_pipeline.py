@@ -14,9 +14,10 @@ from edgetune.demo import sample_log
 
 
 def write_run_recipe(folder: Path, model_dir: Path, sft_steps: int = 4, dpo: bool = True,
-                     export: dict | None = None) -> Path:
+                     export: dict | None = None, backend: str = "mlx") -> Path:
     recipe = {
         "model": str(model_dir),
+        "backend": backend,
         "output": str(folder / "run"),
         "feedback": {"logs": [str(sample_log())], "eval_fraction": 0.1},
         "sft": {"lora": {"rank": 4, "alpha": 8}, "steps": sft_steps, "batch_size": 2, "max_seq_len": 192,
@@ -40,8 +41,10 @@ def ledger(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_run_builds_data_trains_sft_then_dpo_and_skips_unchanged_stages(tmp_path, tiny_model_dir):
-    recipe = write_run_recipe(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("backend", ["mlx", pytest.param("torch", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("peft") is None, reason="the torch extra is not installed"))])
+def test_run_builds_data_trains_sft_then_dpo_and_skips_unchanged_stages(tmp_path, tiny_model_dir, backend):
+    recipe = write_run_recipe(tmp_path, tiny_model_dir, backend=backend)
     first = edgetune("run", str(recipe))
     assert first.returncode == 0, first.stderr
     run = tmp_path / "run"
@@ -67,6 +70,13 @@ def test_run_builds_data_trains_sft_then_dpo_and_skips_unchanged_stages(tmp_path
     assert changed.returncode == 0, changed.stderr
     assert changed.stderr.count("skipped") == 1 and "== 1/3 data: unchanged" in changed.stderr
     assert json.loads((run / "sft" / "summary.json").read_text())["steps"] == 6
+    assert json.loads((run / "sft" / "manifest.json").read_text())["backend"]["name"] == backend
+    if backend == "mlx" and __import__("importlib").util.find_spec("peft") is not None:
+        # Another backend retrains (it cannot resume MLX's optimizer state); the data stays.
+        switched = edgetune("run", str(recipe), "--set", "sft.steps=6", "--set", "backend=torch")
+        assert switched.returncode == 0, switched.stderr
+        assert switched.stderr.count("skipped") == 1 and "== 1/3 data: unchanged" in switched.stderr
+        assert json.loads((run / "dpo" / "manifest.json").read_text())["backend"]["name"] == "torch"
 
 
 @pytest.mark.slow
