@@ -48,7 +48,15 @@ def lora_keys(model, spec: LoraSpec) -> list[str]:
 
     Raises UserError naming targets that match nothing, with what exists.
     """
-    available = _block_linear_paths(model.layers[0])
+    return match_targets(_block_linear_paths(model.layers[0]), spec)
+
+
+def match_targets(available: list[str], spec: LoraSpec) -> list[str]:
+    """The in-block linear paths (`available`, of one block) that `spec.targets` name, sorted.
+
+    Shared by both backends (their llama/qwen2 blocks use the same names). Raises UserError
+    naming targets that match nothing, with what exists.
+    """
     keys, missing = [], []
     for t in spec.targets:
         hits = [p for p in available if p == t or p.endswith("." + t)]
@@ -64,7 +72,11 @@ def lora_keys(model, spec: LoraSpec) -> list[str]:
 
 
 def num_lora_layers(model, spec: LoraSpec) -> int:
-    n = len(model.layers)
+    return lora_layer_count(len(model.layers), spec)
+
+
+def lora_layer_count(n: int, spec: LoraSpec) -> int:
+    """How many of the model's `n` blocks (the last ones) get LoRA; raises UserError when out of range."""
     if spec.layers is None:
         return n
     if not 1 <= spec.layers <= n:

@@ -10,8 +10,8 @@ ORPO needs no reference at all.
 
 Everything else — LoRA, batching, schedule, checkpoints, exact resume, guards,
 progress — is SFT's (`trainer.train`, `stage`, the backend's micro-batches).
-The reference pass below is MLX's; `reference_on_backend` scores it through
-any other backend, into the same file format.
+The reference pass below is MLX's; `score_on_backend` scores it through any
+other backend, into the same file.
 """
 
 from __future__ import annotations
@@ -396,9 +396,11 @@ def reference_fingerprint(model_path: Path, config: dict, quantize, init_adapter
     return h.hexdigest()
 
 
-def load_or_compute_reference(path: Path, fingerprint: str, model, data, batch_size: int, echo) -> dict:
+def load_or_compute_reference(path: Path, fingerprint: str, model, data, batch_size: int, echo,
+                              backend=None) -> dict:
     """{split: [rows] log-probs}, read from `path` when its fingerprint matches, else computed and
-    written there (atomically). A stale file is named and replaced."""
+    written there (atomically). A stale file is named and replaced. Scored on MLX unless another
+    `backend` is given; the file is the same either way."""
     if path.is_file():
         stored, meta = mx.load(str(path), return_metadata=True)
         if meta.get("fingerprint") == fingerprint:
@@ -407,12 +409,17 @@ def load_or_compute_reference(path: Path, fingerprint: str, model, data, batch_s
         echo(f"reference log-probs: {path.name} was computed for another model, starting adapter or data; "
              "recomputing")
     started = time.perf_counter()
-    model.eval()
-    ref = {split: compute_reference(model, data.rows[split], batch_size, echo, split)
-           for split in ("train", "eval") if data.rows[split]}
-    # The pass's freed buffers have other shapes than the training batches': hand them back rather
-    # than let MLX's cache hold them through training (process RSS; MLX's peak counts no cache).
-    mx.clear_cache()
+    if backend is None or backend.name == "mlx":
+        model.eval()
+        ref = {split: compute_reference(model, data.rows[split], batch_size, echo, split)
+               for split in ("train", "eval") if data.rows[split]}
+        # The pass's freed buffers have other shapes than the training batches': hand them back rather
+        # than let MLX's cache hold them through training (process RSS; MLX's peak counts no cache).
+        mx.clear_cache()
+    else:
+        backend.set_training(model, False)
+        ref = {split: score_on_backend(backend, model, data.rows[split], batch_size, echo, split)
+               for split in ("train", "eval") if data.rows[split]}
     tmp = path.with_name(".tmp." + path.name)
     mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in ref.items()}, metadata={"fingerprint": fingerprint})
     tmp.replace(path)
@@ -489,12 +496,8 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     if stage != "orpo":
         fingerprint = reference_fingerprint(loaded.path, loaded.config, recipe.quantize, init_adapter, data)
         _check_same_reference(out / "manifest.json", fingerprint, resume)
-        if backend.name == "mlx":
-            ref = load_or_compute_reference(out / REFERENCE_FILE, fingerprint, model, data,
-                                            cfg.batch_size * data.per_item, echo)
-        else:
-            ref = reference_on_backend(backend, out / REFERENCE_FILE, fingerprint, model, data,
-                                       cfg.batch_size * data.per_item, echo)
+        ref = load_or_compute_reference(out / REFERENCE_FILE, fingerprint, model, data,
+                                        cfg.batch_size * data.per_item, echo, backend)
     reference_s = time.perf_counter() - reference_started
 
     def items_batch(split: str, items: list[int]) -> MicroBatch:
@@ -584,45 +587,21 @@ def evaluate_batches(model, loss_fn, batches: list[MicroBatch]) -> dict:
     return {"loss": total / max(count, 1.0), **{k: v / max(count, 1.0) for k, v in aux_sum.items()}}
 
 
-def reference_on_backend(backend, path: Path, fingerprint: str, model, data, batch_size: int, echo) -> dict:
-    """`load_or_compute_reference` for a non-MLX backend: the same file (safetensors, fingerprint in
-    its metadata), the same length-sorted batches, scored through `backend`."""
-    from safetensors.numpy import load_file, save_file
-
+def score_on_backend(backend, model, rows, batch_size: int, echo, label: str) -> np.ndarray:
+    """`compute_reference` for a non-MLX backend: the same length-sorted batches, scored through
+    `backend` (no gradients, dropout off), in row order."""
     from edgetune.pref_data import group_batches
     from edgetune.sft_data import collate
 
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "np") as f:
-            same = (f.metadata() or {}).get("fingerprint") == fingerprint
-        if same:
-            echo(f"reference log-probs: reusing {path.name} (fingerprint {fingerprint[:12]})")
-            return load_file(str(path))
-        echo(f"reference log-probs: {path.name} was computed for another model, starting adapter or data; "
-             "recomputing")
     started = time.perf_counter()
-    backend.set_training(model, False)
-    ref = {}
-    for split in ("train", "eval"):
-        rows = data.rows[split]
-        if not rows:
-            continue
-        out = np.zeros(len(rows), np.float32)
-        for group in group_batches([r.n_positions for r in rows], batch_size, 0, 0):
-            mb = backend.micro_batch(collate([[rows[i]] for i in group], backend.pad_multiple))
-            with backend.no_grad():
-                logps, _ = backend.sequence_logprobs(model, *mb.arrays[:4])
-            out[group] = backend.to_host(logps)
-        ref[split] = out
-        echo(f"reference {split}: {len(rows)}/{len(rows)} completions scored ({time.perf_counter() - started:.1f} s)")
-    tmp = path.with_name(".tmp." + path.name)
-    save_file(ref, str(tmp), metadata={"fingerprint": fingerprint})
-    tmp.replace(path)
-    echo(f"reference log-probs: {sum(len(v) for v in ref.values())} completions in "
-         f"{time.perf_counter() - started:.1f} s, stored in {path.name}")
-    return ref
+    out = np.zeros(len(rows), np.float32)
+    for group in group_batches([r.n_positions for r in rows], batch_size, 0, 0):
+        mb = backend.micro_batch(collate([[rows[i]] for i in group], backend.pad_multiple))
+        with backend.no_grad():
+            logps, _ = backend.sequence_logprobs(model, *mb.arrays[:4])
+        out[group] = backend.to_host(logps)
+    echo(f"reference {label}: {len(rows)}/{len(rows)} completions scored ({time.perf_counter() - started:.1f} s)")
+    return out
 
 
 def _check_same_reference(manifest: Path, fingerprint: str, resume: bool) -> None:

@@ -105,6 +105,11 @@ def packed_attention_mask(position_ids):
     return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
 
 
+def _global_norm(tensors: list):
+    """L2 norm of all `tensors` together (float32), on their device."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
 def _causal_lm(model):
     """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
     from peft import PeftModel
@@ -222,21 +227,11 @@ class TorchBackend:
     def attach_lora(self, model, spec, seed: int) -> dict:
         from peft import LoraConfig, get_peft_model
 
+        from edgetune.lora import lora_layer_count, match_targets
+
         layers = model.model.layers
-        available = [n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
-        keys, missing = [], []
-        for t in spec.targets:
-            hits = [p for p in available if p == t or p.endswith("." + t)]
-            missing += [] if hits else [t]
-            keys += hits
-        if missing:
-            short = sorted({p.rsplit(".", 1)[-1] for p in available})
-            raise UserError(f"lora.targets: {', '.join(missing)} not found in this model; "
-                            f"its linear layers are: {', '.join(short)}")
-        keys = sorted(set(keys))
-        n_layers = len(layers) if spec.layers is None else spec.layers
-        if not 1 <= n_layers <= len(layers):
-            raise UserError(f"lora.layers: {spec.layers} is out of range; this model has {len(layers)} layers")
+        keys = match_targets([n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)], spec)
+        n_layers = lora_layer_count(len(layers), spec)
         first = len(layers) - n_layers
         # One exact pattern: the chosen blocks' chosen linears, nothing else (PEFT matches it in full).
         pattern = (r"model\.layers\.(" + "|".join(str(i) for i in range(first, len(layers))) + r")\.("
@@ -420,9 +415,7 @@ class TorchBackend:
 
     def grad_norm(self, grads) -> float:
         gs = [p.grad for p in grads if p.grad is not None]
-        if not gs:
-            return 0.0
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs])))
+        return float(_global_norm(gs)) if gs else 0.0
 
     def make_update(self, model, optimizer, max_grad_norm, compile: bool):
         @torch.no_grad()
@@ -431,7 +424,7 @@ class TorchBackend:
             torch._foreach_div_(gs, ntoks)
             if max_grad_norm:
                 # mlx's clip_grad_norm: scale by min(max / (norm + 1e-6), 1).
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs]))
+                norm = _global_norm(gs)
                 torch._foreach_mul_(gs, torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0).to(gs[0].dtype))
             optimizer.step()
 
