@@ -281,6 +281,67 @@ def test_resuming_with_the_other_backend_is_refused(tmp_path, tiny_model_dir):
         mb.load_optimizer(mmodel, m_opt, tmp_path / "ck")
 
 
+def test_empty_rows_pad_a_short_batch_without_supervising_anything():
+    from edgetune.sft_data import pad_rows
+
+    batch = collate([[r] for r in examples(97, 3)])
+    padded = pad_rows(batch, 5)
+    assert padded.tokens.shape == (5, batch.tokens.shape[1]) and padded.loss_mask[3:].sum() == 0
+    assert (padded.segment_ids[3:] == 0).all() and padded.example_ids == batch.example_ids
+    assert pad_rows(batch, 3) is batch
+
+
+def test_static_packed_layout_gives_the_same_logprobs_as_the_plain_one(tmp_path, tiny_model_dir):
+    """With compiled steps every packed-recipe batch carries positions and a block mask, also one
+    whose rows hold one example each; the log-probs must not change."""
+    b = get_backend("torch")
+    loaded = b.load(recipe_for(tiny_model_dir, "torch"), echo=lambda m: None)
+    b.attach_lora(loaded.model, LoraSpec(rank=4, alpha=8.0), seed=0)
+    batch = collate([[r] for r in examples(97, 3)])
+    plain = b.micro_batch(batch, packing=True)
+    assert len(plain.arrays) == 4  # not compiling: the batch keeps its own layout
+    b.static_packed_rows = True
+    forced = b.micro_batch(batch, packing=True)
+    assert len(forced.arrays) == 5
+    with torch.no_grad():
+        a = b.target_logprobs(loaded.model, *plain.arrays[:3])
+        c = b.target_logprobs(loaded.model, *forced.arrays[:3], forced.arrays[4])  # arrays[3]: loss weights
+    np.testing.assert_allclose(c.numpy(), a.numpy(), atol=1e-5)
+
+
+def test_torch_backend_caps_the_openblas_threads_it_shares_the_cpu_with():
+    import ctypes
+
+    from edgetune.runtime import blas_info
+
+    path = blas_info()["blas"]
+    if not path or path.startswith("openblas (LD_PRELOAD"):
+        pytest.skip("edgetune loaded no OpenBLAS here")
+    get_backend("torch")
+    assert ctypes.CDLL(path).openblas_get_num_threads() == 1
+
+
+def test_torch_backend_refuses_qlora_and_mlx_quantized_bases_by_name(tmp_path, tiny_model_dir):
+    b = get_backend("torch")
+    r = recipe_for(tiny_model_dir, "torch")
+    r.quantize = "q4"
+    with pytest.raises(UserError, match="QLoRA is available on the MLX backend only"):
+        b.load(r, echo=lambda m: None)
+
+
+def test_doctor_names_the_backends_and_the_auto_choice():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "edgetune.cli", "doctor", "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["backends"]["mlx"]["available"] and report["backends"]["torch"]["available"]
+    assert report["auto"]["backend"] == choose_backend("auto")[0] and report["auto"]["why"]
+    text = subprocess.run([sys.executable, "-m", "edgetune.cli", "doctor"], capture_output=True, text=True)
+    assert text.returncode == 0 and "backend: auto ->" in text.stdout and "torch" in text.stdout
+
+
 def test_auto_backend_on_a_linux_cpu_and_explicit_choices():
     assert choose_backend("torch")[0] == "torch" and choose_backend("mlx")[0] == "mlx"
     name, why = choose_backend("auto")
