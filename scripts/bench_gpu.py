@@ -16,8 +16,13 @@ pairs. Throughput counts real (non-padding) tokens / pairs only.
 - edgetune `run_sft` / `run_preference(..., "dpo")` with `backend: torch`, timed by the same rule
   (the steps after the first 3: torch.compile traces in those, once per run); the whole-run figure
   is reported too. DPO is charged its full reference pass (one forward of every pair, compile
-  included), prorated to the pairs timed. `edgetune_sft_ckpt` is the same SFT run with
-  `grad_checkpoint: true` (less memory, one more forward).
+  included), prorated to the pairs timed (the reference pass is eager, so "compile included" is
+  nothing now). Part-name suffixes give variants of the same run: `_ckpt` sets
+  `grad_checkpoint: true` (less memory, one more forward), `_nocg` turns CUDA graphs off (torch.compile
+  mode default), `_keepall` sets the activation budget to 1 (no recompute).
+- Each edgetune part also reports what explains its speed: every micro-batch's [B, T], torch.compile's
+  counters, its first losses (variants must agree) and a torch.profiler table of 3 more steps run
+  after the timed ones.
 
 Usage: python scripts/bench_gpu.py [--tiny] [--steps 20] [--out result.json]
 (--tiny: a small model and short rows, to check the script on a CPU).
@@ -39,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-BATCH, MAX_LEN, RANK, WARM = 8, 1024, 16, 3
+BATCH, MAX_LEN, RANK, WARM, PROFILED = 8, 1024, 16, 3, 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = ("the a model reply short long user answer data edge tune fast memory pair chosen rejected feedback "
          "device laptop serve export quantize adapter prompt context turn correction thumbs").split()
@@ -165,14 +170,75 @@ def edgetune_recipe(kind: str, args, work: Path, steps: int, tag: str, checkpoin
     return path
 
 
+class Diagnostics:
+    """What explains a run's speed, gathered in its process: each micro-batch's [B, T] (in order),
+    torch.compile's counters, and a torch.profiler table of the last PROFILED steps (run after the
+    timed window, so profiling costs the timing nothing)."""
+
+    def __init__(self, first_profiled_step: int):
+        from edgetune.backends.torch_backend import TorchBackend
+
+        self.shapes, self.table, self.step, self.attention = [], None, 0, None
+        self.first = first_profiled_step
+        self.profiler = None
+        diag = self
+        make_update, micro_batch = TorchBackend.make_update, TorchBackend.micro_batch
+
+        def patched_micro_batch(backend, batch, packing=False):
+            mb = micro_batch(backend, batch, packing)
+            diag.attention = backend.attn
+            diag.shapes.append(list(mb.arrays[0].shape))
+            return mb
+
+        def patched_make_update(backend, *a, **kw):
+            update = make_update(backend, *a, **kw)
+
+            def wrapped(*ua, **ukw):
+                out = update(*ua, **ukw)
+                diag.after_step()
+                return out
+
+            return wrapped
+
+        TorchBackend.micro_batch, TorchBackend.make_update = patched_micro_batch, patched_make_update
+
+    def after_step(self) -> None:
+        import torch
+
+        self.step += 1
+        if not cuda():
+            return
+        if self.step == self.first - 1:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+        elif self.profiler is not None and self.step >= self.first - 1 + PROFILED:
+            torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            averages = self.profiler.key_averages()
+            self.table = {"by_cuda_time": averages.table(sort_by="cuda_time_total", row_limit=40,
+                                                         max_name_column_width=70),
+                          "by_self_cpu_time": averages.table(sort_by="self_cpu_time_total", row_limit=30,
+                                                             max_name_column_width=70)}
+            self.profiler = None
+
+    def report(self) -> dict:
+        import torch._dynamo.utils as du
+
+        counters = {k: dict(v) for k, v in du.counters.items() if k in ("stats", "recompiles", "graph_break")}
+        return {"micro_batch_shapes": self.shapes, "dynamo": counters, "profile": self.table}
+
+
 def run_edgetune(kind: str, args, work: Path, checkpointing: bool = False) -> dict:
     """One edgetune run; timed like TRL: the steps after the first WARM (torch.compile traces in
     those, once per process; a real run pays that once). For DPO the reference pass (which also
-    compiles its no-grad graph) is charged in full, prorated to the pairs timed."""
+    compiles its no-grad graph) is charged in full, prorated to the pairs timed. PROFILED more steps
+    run after the timed ones under torch.profiler (see `Diagnostics`)."""
     from edgetune.recipe import load_recipe
 
     tag = "measured"
-    recipe_path = edgetune_recipe(kind, args, work, args.steps + WARM, tag, checkpointing)
+    diag = Diagnostics(first_profiled_step=args.steps + WARM + 1)
+    recipe_path = edgetune_recipe(kind, args, work, args.steps + WARM + PROFILED, tag, checkpointing)
     recipe = load_recipe(recipe_path)
     echo = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -187,9 +253,9 @@ def run_edgetune(kind: str, args, work: Path, checkpointing: bool = False) -> di
     wall = time.perf_counter() - t0
     records = [json.loads(x) for x in (work / f"edgetune-{kind}-{tag}" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("tok_s")]
-    timed = steps[WARM:]
+    timed = steps[WARM: WARM + args.steps]
     seconds = sum(r["tokens"] / r["tok_s"] for r in timed)
-    out = {"side": f"edgetune_{kind}" + ("_ckpt" if checkpointing else ""), "timed_steps": len(timed),
+    out = {"side": f"edgetune_{kind}", "timed_steps": len(timed),
            "seconds": seconds, "step_tok_s": [round(r["tok_s"]) for r in steps], "wall_s": wall,
            "train_s": s["elapsed_s"], "peak_gib": peak_gb()}
     if kind == "sft":
@@ -202,6 +268,9 @@ def run_edgetune(kind: str, args, work: Path, checkpointing: bool = False) -> di
         out.update({"pairs": pairs, "reference_s_total": s["reference_s"], "reference_s_charged": ref,
                     "pairs_s": pairs / (seconds + ref), "pairs_s_loop_only": pairs / seconds,
                     "pairs_s_whole_run": s["items_trained"] / (s["elapsed_s"] + s["reference_s"])})
+    out["attention"] = diag.attention
+    out["first_losses"] = [round(r["loss"], 4) for r in steps[:6]]  # variants of one run must agree
+    out.update(diag.report())
     return out
 
 
@@ -237,7 +306,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="small model and rows: check the script on a CPU")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--parts", default="trl_sft,edgetune_sft,trl_dpo,edgetune_dpo,edgetune_sft_ckpt")
+    ap.add_argument("--parts", default="trl_sft,edgetune_sft,trl_dpo,edgetune_dpo,edgetune_sft_ckpt",
+                    help="edgetune parts: _ckpt for grad_checkpoint: true, _nocg for no CUDA graphs (compile mode "
+                         "default), _keepall for activation budget 1 (no recompute)")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--out", type=Path)
@@ -251,7 +322,8 @@ def main() -> None:
         if args.part.startswith("trl"):
             result = run_trl(kind, args, args.work)
         else:
-            result = run_edgetune(kind, args, args.work, checkpointing=args.part.endswith("_ckpt"))
+            result = run_edgetune(kind, args, args.work, checkpointing="_ckpt" in args.part)
+            result["side"] = args.part
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -263,6 +335,7 @@ def main() -> None:
 
         report["device"] = torch.cuda.get_device_name(0)
         report["bf16_matmul_tflops"] = matmul_tflops()
+
     if args.model is None:
         from edgetune.model.tiny import build_tiny_model
 
@@ -289,7 +362,12 @@ def main() -> None:
         t = time.perf_counter()
         cmd = [sys.executable, __file__, "--part", part, "--work", str(work), "--model", str(args.model),
                "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        env = dict(os.environ)
+        if "_nocg" in part:  # no CUDA graphs (torch.compile's default mode) for static packed rows
+            env["EDGETUNE_TORCH_COMPILE_MODE"] = "default"
+        if "_keepall" in part:  # the compiler keeps every activation (no recompute)
+            env["EDGETUNE_TORCH_ACTIVATION_BUDGET"] = "1"
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             results[part] = {"error": proc.stderr[-2500:]}
@@ -321,6 +399,9 @@ def main() -> None:
     if report["sft_tok_s_ratio"]:
         print(f"SFT: edgetune / TRL = {report['sft_tok_s_ratio']:.2f}x tokens/s at {report['sft_peak_ratio']:.2f}x "
               f"peak memory (goal >= 2.5x at <= 0.5x)")
+    if report["sft_ckpt_tok_s_ratio"]:
+        print(f"SFT, grad_checkpoint: edgetune / TRL = {report['sft_ckpt_tok_s_ratio']:.2f}x tokens/s at "
+              f"{report['sft_ckpt_peak_ratio']:.2f}x peak memory")
     if report["dpo_pairs_s_ratio"]:
         print(f"DPO: edgetune / TRL = {report['dpo_pairs_s_ratio']:.2f}x pairs/s at {report['dpo_peak_ratio']:.2f}x "
               f"peak memory (goal >= 2x)")

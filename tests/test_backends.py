@@ -309,6 +309,33 @@ def test_static_packed_layout_gives_the_same_logprobs_as_the_plain_one(tmp_path,
     np.testing.assert_allclose(c.numpy(), a.numpy(), atol=1e-5)
 
 
+def test_cuda_graphs_only_for_one_static_shape_on_cuda_in_the_measured_setting():
+    from edgetune.backends.torch_backend import compile_mode
+
+    assert compile_mode(True, True, False, 0.0, None) == "reduce-overhead"  # packed SFT rows on CUDA
+    assert compile_mode(False, True, False, 0.0, None) == "default"  # preference pairs: many shapes
+    assert compile_mode(True, False, False, 0.0, None) == "default"  # a CPU
+    assert compile_mode(True, True, True, 0.0, None) == "default"  # grad checkpointing
+    assert compile_mode(True, True, False, 0.1, None) == "default"  # LoRA dropout
+    assert compile_mode(False, True, False, 0.0, "max-autotune") == "max-autotune"
+
+
+def test_compiled_blocks_are_compiled_once_per_model_on_the_first_forward(tmp_path, tiny_model_dir, monkeypatch):
+    """With compiling on (here forced on a CPU), the blocks compile lazily, once per model, in the
+    mode `compile_mode` picks (the default on a CPU), and give the eager log-probs."""
+    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "1")
+    b = get_backend("torch")
+    loaded = b.load(recipe_for(tiny_model_dir, "torch"), echo=lambda m: None)
+    b.attach_lora(loaded.model, LoraSpec(rank=4, alpha=8.0), seed=0)
+    assert not hasattr(loaded.model, "_edgetune_compiled")
+    mb = b.micro_batch(collate([[r] for r in examples(97, 3)]), packing=True)
+    with b.no_grad():  # forward-only passes run eager, even where compiling is on
+        eager = b.target_logprobs(loaded.model, *mb.arrays[:3], *mb.arrays[4:])
+    assert loaded.model._edgetune_compiled == "default"
+    compiled = b.target_logprobs(loaded.model, *mb.arrays[:3], *mb.arrays[4:])
+    np.testing.assert_allclose(compiled.detach().numpy(), eager.numpy(), atol=1e-4)
+
+
 def test_torch_backend_caps_the_openblas_threads_it_shares_the_cpu_with():
     import ctypes
 
