@@ -28,7 +28,7 @@ _OPENBLAS_CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 
-_state: dict[str, str | None] = {"blas": None, "why": "not set up yet"}
+_state: dict = {"blas": None, "why": "not set up yet", "threads": None}  # threads: before a cap
 
 
 def find_openblas() -> str | None:
@@ -81,10 +81,25 @@ def limit_openblas_threads(n: int) -> bool:
     if not _state["blas"] or _state["blas"].startswith("openblas (LD_PRELOAD"):
         return False
     try:
-        ctypes.CDLL(_state["blas"]).openblas_set_num_threads(n)
+        lib = ctypes.CDLL(_state["blas"])
+        if _state["threads"] is None:
+            _state["threads"] = lib.openblas_get_num_threads()
+        lib.openblas_set_num_threads(n)
         return True
     except (OSError, AttributeError):
         return False
+
+
+def restore_openblas_threads() -> None:
+    """Undo `limit_openblas_threads`: MLX work after a torch stage in the same process (`edgetune
+    run`: evaluation, or an MLX stage) gets all of OpenBLAS's threads back."""
+    if _state["threads"] is None:
+        return
+    try:
+        ctypes.CDLL(_state["blas"]).openblas_set_num_threads(_state["threads"])
+    except (OSError, AttributeError):
+        pass
+    _state["threads"] = None
 
 
 def blas_info() -> dict:

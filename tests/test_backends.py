@@ -344,8 +344,13 @@ def test_torch_backend_caps_the_openblas_threads_it_shares_the_cpu_with():
     path = blas_info()["blas"]
     if not path or path.startswith("openblas (LD_PRELOAD"):
         pytest.skip("edgetune loaded no OpenBLAS here")
+    lib = ctypes.CDLL(path)
+    before = lib.openblas_get_num_threads()
     get_backend("torch")
-    assert ctypes.CDLL(path).openblas_get_num_threads() == 1
+    assert lib.openblas_get_num_threads() == 1
+    # An MLX stage (or evaluation) after it in the same process gets them back.
+    get_backend("mlx")
+    assert lib.openblas_get_num_threads() == before
 
 
 def test_torch_backend_refuses_qlora_and_mlx_quantized_bases_by_name(tmp_path, tiny_model_dir):

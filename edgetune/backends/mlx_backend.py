@@ -91,6 +91,11 @@ class MLXBackend:
     pad_multiple = 8  # rows are padded to a multiple of this (sft_data.collate)
     static_packed_rows = False  # mx.compile traces each shape cheaply; no need to pad packed rows
 
+    def __init__(self):
+        from edgetune.runtime import restore_openblas_threads
+
+        restore_openblas_threads()  # a torch stage before this one, in this process, capped them
+
     # --- model -----------------------------------------------------------------------------------
     def load(self, recipe, echo):
         from edgetune.models import load_recipe_model
