@@ -207,7 +207,10 @@ def test_quantized_export_is_compared_with_its_fused_model(work, tmp_path):
     compare = (f"q4={q4}",) + ((f"fused={fused}",) if reference == "fused" else ())
     adapter = str(work["narrow"]) if reference == "fused" else None
     gate = tmp_path / "gate.yaml"
-    gate.write_text("eval_loss_must_drop: false\nmax_suite_drop: null\nmax_quantization_loss_increase: 0.05\n")
+    # A loose threshold here (run_eval raises when the gate fails): how far 4-bit moves a tiny random
+    # model's loss is luck (0.03-0.05 nats, with the BLAS's thread count deciding the last digit);
+    # the strict gate below checks the failing side on the same results.
+    gate.write_text("eval_loss_must_drop: false\nmax_suite_drop: null\nmax_quantization_loss_increase: 1.0\n")
     settings, _ = resolve_settings(**{**OPTIONS, "model": str(work["model"]), "adapter": adapter, "compare": compare,
                                       "data_dir": str(work["data"]), "builtin_suite": False, "gate_path": str(gate),
                                       "generations": 0, "out": str(tmp_path / "out")})
@@ -222,7 +225,7 @@ def test_quantized_export_is_compared_with_its_fused_model(work, tmp_path):
     increase = res["q4"]["task"]["eval_loss"] - res[reference]["task"]["eval_loss"]
     assert increase != 0.0  # 4-bit weights are not the same model
     (line,) = [line for line in info["gate"]["lines"] if "quantization" in line]
-    assert line.startswith(f"{'PASS' if increase <= 0.05 else 'FAIL'} q4: quantization vs {reference}: ")
+    assert abs(increase) < 1.0 and line.startswith(f"PASS q4: quantization vs {reference}: ")
     # A stricter gate on the same results fails exactly when 4-bit cost more than the threshold.
     strict = check_gate(GateConfig(eval_loss_must_drop=False, max_suite_drop=None,
                                    max_quantization_loss_increase=abs(increase) / 2), res, info["candidates"], "base")
