@@ -312,12 +312,16 @@ def test_static_packed_layout_gives_the_same_logprobs_as_the_plain_one(tmp_path,
 def test_cuda_graphs_only_for_one_static_shape_on_cuda_in_the_measured_setting():
     from edgetune.backends.torch_backend import compile_mode
 
-    assert compile_mode(True, True, False, 0.0, None) == "reduce-overhead"  # packed SFT rows on CUDA
-    assert compile_mode(False, True, False, 0.0, None) == "default"  # preference pairs: many shapes
-    assert compile_mode(True, False, False, 0.0, None) == "default"  # a CPU
-    assert compile_mode(True, True, True, 0.0, None) == "default"  # grad checkpointing
-    assert compile_mode(True, True, False, 0.1, None) == "default"  # LoRA dropout
-    assert compile_mode(False, True, False, 0.0, "max-autotune") == "max-autotune"
+    measured = dict(static=True, cuda=True, attn="sdpa", checkpointing=False, dropout=0.0, accumulates=False,
+                    override=None)
+    assert compile_mode(**measured) == "reduce-overhead"  # packed SFT rows on CUDA, one micro-batch a step
+    for change in ({"static": False},  # preference pairs: many shapes
+                   {"cuda": False},  # a CPU
+                   {"attn": "flash_attention_2"},  # varlen: cu_seqlens change length with each batch
+                   {"checkpointing": True}, {"dropout": 0.1},  # not measured with graphs
+                   {"accumulates": True}):  # a second backward adds into gradients in the graph pool
+        assert compile_mode(**{**measured, **change}) == "default", change
+    assert compile_mode(**{**measured, "static": False, "override": "max-autotune"}) == "max-autotune"
 
 
 def test_compiled_blocks_are_compiled_once_per_model_on_the_first_forward(tmp_path, tiny_model_dir, monkeypatch):

@@ -105,13 +105,20 @@ def packed_attention_mask(position_ids):
     return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
 
 
-def compile_mode(static: bool, cuda: bool, checkpointing: bool, dropout: float, override: str | None) -> str:
+def compile_mode(static: bool, cuda: bool, attn: str, checkpointing: bool, dropout: float, accumulates: bool,
+                 override: str | None) -> str:
     """torch.compile's mode for the decoder blocks: CUDA graphs (reduce-overhead) for one static
-    shape on CUDA in the setting measured (no grad checkpointing, no LoRA dropout), else the default;
-    `override` (EDGETUNE_TORCH_COMPILE_MODE) wins."""
+    shape on CUDA, in the setting measured, else the default; `override` (EDGETUNE_TORCH_COMPILE_MODE)
+    wins. Outside the measured setting graphs are known to break or not pay:
+    - FlashAttention-2's varlen path finds example starts with nonzero(): a graph break, and
+      cu_seqlens change length with every batch (graphs recorded again and again);
+    - with more than one micro-batch per step, the second backward adds into gradients that the
+      first left in the graphs' memory pool, which the next replay reclaims (pytorch#169545);
+    - grad checkpointing and LoRA dropout were not measured with graphs."""
     if override:
         return override
-    return "reduce-overhead" if (static and cuda and not checkpointing and not dropout) else "default"
+    measured = attn == "sdpa" and not checkpointing and not dropout and not accumulates
+    return "reduce-overhead" if (static and cuda and measured) else "default"
 
 
 def _global_norm(tensors: list):
@@ -356,8 +363,9 @@ class TorchBackend:
         1024, LoRA r16 on all linears) this took SFT from 56k to 98k tokens/s with the same losses.
         Rows of changing lengths (preference pairs) keep the default mode: CUDA graphs would be
         recorded again for every shape. EDGETUNE_TORCH_COMPILE_MODE overrides the choice."""
-        mode = compile_mode(static, self.cuda, getattr(model, "_edgetune_checkpointing", False),
-                            getattr(model, "_edgetune_dropout", 0.0), os.environ.get("EDGETUNE_TORCH_COMPILE_MODE"))
+        mode = compile_mode(static, self.cuda, self.attn, getattr(model, "_edgetune_checkpointing", False),
+                            getattr(model, "_edgetune_dropout", 0.0), getattr(model, "_edgetune_accumulates", False),
+                            os.environ.get("EDGETUNE_TORCH_COMPILE_MODE"))
         for layer in _causal_lm(model).model.layers:
             layer.compile(mode=None if mode == "default" else mode)
         model._edgetune_compiled = mode
@@ -443,7 +451,10 @@ class TorchBackend:
         built an execution plan per new shape. They run on the flash / memory-efficient kernels
         instead (not yet timed on a GPU: scripts/bench_gpu.py measures it). Packed rows (one static
         shape, a block mask) keep SDPA's own choice, cuDNN."""
-        if not self.cuda or mask is not None or self.attn != "sdpa":
+        if not (self.cuda and self.compile) or mask is not None or self.attn != "sdpa":
+            # Eager CUDA (EDGETUNE_TORCH_COMPILE=0) keeps SDPA's choice: a checkpointed block's
+            # recompute runs in backward(), outside this context, and must pick the same kernel.
+            # A compiled block has the kernel fixed in its graph when traced.
             return nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -483,6 +494,7 @@ class TorchBackend:
             return loss.detach(), ntoks.detach(), {k: v.detach() for k, v in aux.items()}, None
 
         grad_step.params = [p for p in model.parameters() if p.requires_grad]  # where the gradients land
+        grad_step.model = model
         return grad_step
 
     def accumulate(self, grad_step, batches, seeds, aux_sum):
@@ -491,6 +503,9 @@ class TorchBackend:
         params = grad_step.params
         for p in params:
             p.grad = None
+        self._last_norm = None
+        if len(batches) > 1:
+            grad_step.model._edgetune_accumulates = True  # read by `compile_mode` on the first forward
         loss_sum, ntoks_sum, sums = 0.0, 0.0, {}
         for i, batch in enumerate(batches):
             if seeds is not None:
