@@ -19,7 +19,8 @@ pairs. Throughput counts real (non-padding) tokens / pairs only.
   included), prorated to the pairs timed (the reference pass is eager, so "compile included" is
   nothing now). Part-name suffixes give variants of the same run: `_ckpt` sets
   `grad_checkpoint: true` (less memory, one more forward), `_nocg` turns CUDA graphs off (torch.compile
-  mode default), `_keepall` sets the activation budget to 1 (no recompute).
+  mode default), `_keepall` sets the activation budget to 1 (no recompute), `_buckets` pads plain rows
+  (DPO pairs) to multiples of 256 positions, so they get static shapes and CUDA graphs (an experiment).
 - Each edgetune part also reports what explains its speed: every micro-batch's [B, T], torch.compile's
   counters, its first losses (variants must agree) and a torch.profiler table of 3 more steps run
   after the timed ones.
@@ -308,7 +309,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--parts", default="trl_sft,edgetune_sft,trl_dpo,edgetune_dpo,edgetune_sft_ckpt",
                     help="edgetune parts: _ckpt for grad_checkpoint: true, _nocg for no CUDA graphs (compile mode "
-                         "default), _keepall for activation budget 1 (no recompute)")
+                         "default), _keepall for activation budget 1 (no recompute), _buckets for "
+                         "EDGETUNE_TORCH_PLAIN_BUCKETS=1 (DPO rows in static length buckets, CUDA graphs)")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--out", type=Path)
@@ -365,6 +367,8 @@ def main() -> None:
         env = dict(os.environ)
         if "_nocg" in part:  # no CUDA graphs (torch.compile's default mode) for static packed rows
             env["EDGETUNE_TORCH_COMPILE_MODE"] = "default"
+        if "_buckets" in part:  # plain rows padded to multiples of 256: static shapes, CUDA graphs
+            env["EDGETUNE_TORCH_PLAIN_BUCKETS"] = "1"
         if "_keepall" in part:  # the compiler keeps every activation (no recompute)
             env["EDGETUNE_TORCH_ACTIVATION_BUDGET"] = "1"
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)

@@ -340,6 +340,27 @@ def test_compiled_blocks_are_compiled_once_per_model_on_the_first_forward(tmp_pa
     np.testing.assert_allclose(compiled.detach().numpy(), eager.numpy(), atol=1e-4)
 
 
+def test_plain_row_buckets_give_static_shapes_compiled_once_each(tmp_path, tiny_model_dir, monkeypatch):
+    """EDGETUNE_TORCH_PLAIN_BUCKETS: plain rows round up to multiples of 256 positions and the blocks
+    compile one static graph per bucket (here on a CPU: no CUDA graphs), with unchanged log-probs."""
+    from edgetune.backends.torch_backend import PLAIN_BUCKET
+
+    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "1")
+    monkeypatch.setenv("EDGETUNE_TORCH_PLAIN_BUCKETS", "1")
+    b = get_backend("torch")
+    assert b.plain_buckets and b.pad_multiple == PLAIN_BUCKET
+    loaded = b.load(recipe_for(tiny_model_dir, "torch"), echo=lambda m: None)
+    b.attach_lora(loaded.model, LoraSpec(rank=4, alpha=8.0), seed=0)
+    batch = collate([[r] for r in examples(97, 3)], b.pad_multiple)
+    assert batch.tokens.shape[1] == PLAIN_BUCKET
+    mb = b.micro_batch(batch)
+    with b.no_grad():
+        eager = b.target_logprobs(loaded.model, *mb.arrays[:3])
+    compiled = b.target_logprobs(loaded.model, *mb.arrays[:3])
+    assert loaded.model._edgetune_compiled == "default"
+    np.testing.assert_allclose(compiled.detach().numpy(), eager.numpy(), atol=1e-4)
+
+
 def test_torch_backend_caps_the_openblas_threads_it_shares_the_cpu_with():
     import ctypes
 

@@ -40,6 +40,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTER_FILE = "adapters.safetensors"
 HEAD_CHUNK = 1024  # positions per head chunk: [chunk, vocab] float32 logits live at a time
 PEFT_PREFIX = "base_model.model."
+PLAIN_BUCKET = 256  # EDGETUNE_TORCH_PLAIN_BUCKETS: plain rows' lengths round up to a multiple of this
 
 
 # --- the output head at selected positions ---------------------------------------------------------
@@ -218,6 +219,13 @@ class TorchBackend:
         # packed rows then always span max_seq_len, so SFT compiles exactly one shape.
         self.pad_multiple = 64 if self.compile else 8
         self.static_packed_rows = self.compile
+        # An experiment, off by default (EDGETUNE_TORCH_PLAIN_BUCKETS=1; scripts/bench_gpu.py's
+        # `_buckets` parts): plain rows (preference pairs, SFT without packing) padded to a multiple
+        # of PLAIN_BUCKET positions, so a run sees a few static shapes, each compiled once and, on
+        # CUDA, given CUDA graphs as packed rows are. It trades padding for launch overhead.
+        self.plain_buckets = self.compile and os.environ.get("EDGETUNE_TORCH_PLAIN_BUCKETS") == "1"
+        if self.plain_buckets:
+            self.pad_multiple = PLAIN_BUCKET
         self._last_norm = None
         # Compiled blocks of packed rows keep at most this share of the activations a plain
         # backward keeps; the compiler's partitioner recomputes the cheapest of the rest (pointwise
@@ -366,8 +374,18 @@ class TorchBackend:
         mode = compile_mode(static, self.cuda, self.attn, getattr(model, "_edgetune_checkpointing", False),
                             getattr(model, "_edgetune_dropout", 0.0), getattr(model, "_edgetune_accumulates", False),
                             os.environ.get("EDGETUNE_TORCH_COMPILE_MODE"))
+        # Bucketed plain rows: one graph per bucket, never one dynamic graph (which graphs re-record
+        # for every size anyway); otherwise torch's automatic choice.
+        dynamic = False if (static and self.plain_buckets) else None
+        if dynamic is False:
+            from torch._dynamo import config as dynamo_config
+
+            # A graph per (bucket, first block or not): more than dynamo's default of 8 per function.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         for layer in _causal_lm(model).model.layers:
-            layer.compile(mode=None if mode == "default" else mode)
+            layer.compile(mode=None if mode == "default" else mode, dynamic=dynamic)
         model._edgetune_compiled = mode
 
     def enable_grad_checkpoint(self, model) -> None:
@@ -423,11 +441,12 @@ class TorchBackend:
         # FlashAttention-2 reads packing from the restarting positions alone (varlen kernels); SDPA
         # needs the mask spelled out.
         mask = None if (position_ids is None or self.attn == "flash_attention_2") else packed_attention_mask(position_ids)
-        static = position_ids is not None and self.static_packed_rows
+        packed_static = position_ids is not None and self.static_packed_rows
+        static = packed_static or (position_ids is None and self.plain_buckets)
         if self.compile and not hasattr(model, "_edgetune_compiled"):
             self._compile_blocks(model, static)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda), self._attention_kernels(mask), \
-                self._activation_budget(static):
+                self._activation_budget(packed_static):
             h = base.model(input_ids=tokens, position_ids=position_ids, attention_mask=mask,
                            use_cache=False).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, select)
