@@ -28,7 +28,8 @@ import numpy as np
 from edgetune.errors import UserError
 from edgetune.kernels import training_kernels
 from edgetune.fileio import sha256_file, write_json
-from edgetune.losses import dpo_loss, kto_loss, orpo_loss, token_logprobs
+from edgetune import losses as mlx_losses
+from edgetune.losses import token_logprobs
 from edgetune.lora import LoraSpec, read_adapter_config
 from edgetune.runtime import mlx_core
 from edgetune.sft import hidden_states, output_logits, to_micro_batch
@@ -103,10 +104,9 @@ def make_loss_fn(stage: str, cfg, backend=None) -> Callable:
     per row (dpo, kto) and the desirable flags per row (kto). `backend` (MLX when None) supplies
     the forward and its own copy of the losses.
     """
-    seq_logprobs, L = sequence_logprobs, None
-    if backend is not None and backend.name != "mlx":
-        seq_logprobs, L = backend.sequence_logprobs, backend.losses
-    dpo, kto, orpo = (dpo_loss, kto_loss, orpo_loss) if L is None else (L.dpo_loss, L.kto_loss, L.orpo_loss)
+    mlx = backend is None or backend.name == "mlx"
+    seq_logprobs, L = (sequence_logprobs, mlx_losses) if mlx else (backend.sequence_logprobs, backend.losses)
+    dpo, kto, orpo = L.dpo_loss, L.kto_loss, L.orpo_loss
     if stage == "dpo":
         def loss_fn(model, tokens, select, targets, weights, ref):
             logps, _ = seq_logprobs(model, tokens, select, targets, weights)

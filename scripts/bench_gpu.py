@@ -256,7 +256,7 @@ def run_edgetune(kind: str, args, work: Path, checkpointing: bool = False) -> di
     steps = [r for r in records if r.get("tok_s")]
     timed = steps[WARM: WARM + args.steps]
     seconds = sum(r["tokens"] / r["tok_s"] for r in timed)
-    out = {"side": f"edgetune_{kind}", "timed_steps": len(timed),
+    out = {"side": args.part, "timed_steps": len(timed),
            "seconds": seconds, "step_tok_s": [round(r["tok_s"]) for r in steps], "wall_s": wall,
            "train_s": s["elapsed_s"], "peak_gib": peak_gb()}
     if kind == "sft":
@@ -325,7 +325,6 @@ def main() -> None:
             result = run_trl(kind, args, args.work)
         else:
             result = run_edgetune(kind, args, args.work, checkpointing="_ckpt" in args.part)
-            result["side"] = args.part
         print("RESULT " + json.dumps(result), flush=True)
         return
 

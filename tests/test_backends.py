@@ -361,6 +361,16 @@ def test_plain_row_buckets_give_static_shapes_compiled_once_each(tmp_path, tiny_
     np.testing.assert_allclose(compiled.detach().numpy(), eager.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("name,value", [("EDGETUNE_TORCH_COMPILE", "yes"), ("EDGETUNE_TORCH_COMPILE_MODE", "fast"),
+                                        ("EDGETUNE_TORCH_ACTIVATION_BUDGET", "half"),
+                                        ("EDGETUNE_TORCH_ACTIVATION_BUDGET", "1.5"),
+                                        ("EDGETUNE_TORCH_PLAIN_BUCKETS", "on"), ("EDGETUNE_TORCH_DEVICE", "gpu")])
+def test_a_bad_torch_backend_setting_is_named_not_a_traceback(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=f"{name}='{value}': expected"):
+        get_backend("torch")
+
+
 def test_torch_backend_caps_the_openblas_threads_it_shares_the_cpu_with():
     import ctypes
 

@@ -110,6 +110,11 @@ class Backend(Protocol):
         """Versions, device and dtype, for manifests and `edgetune doctor`."""
 
 
+def _torch_missing() -> list[str]:
+    """The torch backend's packages that are not installed (none: it can run)."""
+    return [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+
+
 def get_backend(name: str) -> Backend:
     """The backend object for `name` ("mlx" or "torch"). Raises UserError when it is not installed."""
     if name == "mlx":
@@ -117,7 +122,7 @@ def get_backend(name: str) -> Backend:
 
         return MLXBackend()
     if name == "torch":
-        missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+        missing = _torch_missing()
         if missing:
             raise UserError(f"backend: torch needs {', '.join(missing)}: pip install \"edgetune[torch]\" "
                             "(or set backend: mlx)")
@@ -133,7 +138,7 @@ def is_apple_silicon() -> bool:
 
 def torch_status() -> dict:
     """Whether the torch backend can run here, and on which device (imports torch only if present)."""
-    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    missing = _torch_missing()
     if missing:
         return {"available": False, "why": f"not installed: {', '.join(missing)} (pip install \"edgetune[torch]\")"}
     import torch

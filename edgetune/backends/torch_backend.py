@@ -41,6 +41,15 @@ ADAPTER_FILE = "adapters.safetensors"
 HEAD_CHUNK = 1024  # positions per head chunk: [chunk, vocab] float32 logits live at a time
 PEFT_PREFIX = "base_model.model."
 PLAIN_BUCKET = 256  # EDGETUNE_TORCH_PLAIN_BUCKETS: plain rows' lengths round up to a multiple of this
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def _env_choice(name: str, default: str, choices: tuple) -> str:
+    """The environment variable `name` (`default` when unset); UserError naming it when not one of `choices`."""
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise UserError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 # --- the output head at selected positions ---------------------------------------------------------
@@ -124,8 +133,7 @@ def compile_mode(static: bool, cuda: bool, attn: str, checkpointing: bool, dropo
 
 def _global_norm(tensors: list):
     """L2 norm of all `tensors` together (float32), on their device, in one multi-tensor kernel."""
-    tensors = [t if t.dtype == torch.float32 else t.float() for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.float() for t in tensors])))
 
 
 def _causal_lm(model):
@@ -176,7 +184,7 @@ class AdamW:
         # launch per tensor per operation made the optimizer a visible share of a GPU step's CPU time.
         lr = self.schedule(self.step_count)
         b1, b2 = self.betas
-        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in self.params]
+        grads = [p.grad.float() for p in self.params]  # the gradient itself where it is float32
         torch._foreach_mul_(self.m, b1)
         torch._foreach_add_(self.m, grads, alpha=1 - b1)
         torch._foreach_mul_(self.v, b2)
@@ -208,13 +216,18 @@ class TorchBackend:
 
     def __init__(self):
         want = os.environ.get("EDGETUNE_TORCH_DEVICE")
-        self.device = torch.device(want or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.device = torch.device(want or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            raise UserError(f"EDGETUNE_TORCH_DEVICE={want!r}: expected a torch device such as cpu, cuda or cuda:1") from None
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.dtype_name = str(self.dtype).replace("torch.", "")
         # Compiling the decoder pays back on a GPU (~2x on a 0.5B model); on a CPU it only costs time.
         # EDGETUNE_TORCH_COMPILE: auto (on CUDA), 1 (always, e.g. to test it on a CPU), 0 (never).
-        want_compile = os.environ.get("EDGETUNE_TORCH_COMPILE", "auto")
+        want_compile = _env_choice("EDGETUNE_TORCH_COMPILE", "auto", ("auto", "1", "0"))
         self.compile = want_compile == "1" or (want_compile == "auto" and self.cuda)
+        self.compile_mode = _env_choice("EDGETUNE_TORCH_COMPILE_MODE", "", ("",) + COMPILE_MODES) or None
         # Few distinct [B, T] shapes keep torch.compile from re-tracing (padding is never supervised);
         # packed rows then always span max_seq_len, so SFT compiles exactly one shape.
         self.pad_multiple = 64 if self.compile else 8
@@ -223,18 +236,22 @@ class TorchBackend:
         # `_buckets` parts): plain rows (preference pairs, SFT without packing) padded to a multiple
         # of PLAIN_BUCKET positions, so a run sees a few static shapes, each compiled once and, on
         # CUDA, given CUDA graphs as packed rows are. It trades padding for launch overhead.
-        self.plain_buckets = self.compile and os.environ.get("EDGETUNE_TORCH_PLAIN_BUCKETS") == "1"
+        buckets = _env_choice("EDGETUNE_TORCH_PLAIN_BUCKETS", "0", ("0", "1")) == "1"
+        self.plain_buckets = self.compile and buckets
         if self.plain_buckets:
             self.pad_multiple = PLAIN_BUCKET
-        self._last_norm = None
         # Compiled blocks of packed rows keep at most this share of the activations a plain
         # backward keeps; the compiler's partitioner recomputes the cheapest of the rest (pointwise
         # ops first). At the qwen2.5-0.5b shape, 0.5 stored 60% less per token for a 7.5% slower
         # step on a CPU; on an H200 peak memory fell from 10.7 to 6.5-6.7 GiB.
         # EDGETUNE_TORCH_ACTIVATION_BUDGET: 1 keeps everything.
-        self.activation_budget = float(os.environ.get("EDGETUNE_TORCH_ACTIVATION_BUDGET", "0.5"))
+        budget = os.environ.get("EDGETUNE_TORCH_ACTIVATION_BUDGET") or "0.5"
+        try:
+            self.activation_budget = float(budget)
+        except ValueError:
+            self.activation_budget = float("nan")
         if not 0 < self.activation_budget <= 1:
-            raise UserError("EDGETUNE_TORCH_ACTIVATION_BUDGET: a number in (0, 1]")
+            raise UserError(f"EDGETUNE_TORCH_ACTIVATION_BUDGET={budget!r}: expected a number in (0, 1]")
         if self.cuda and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
             # Preference batches come in many shapes; expandable segments let the caching allocator
             # grow one mapping instead of keeping blocks of every size (less reserved, unused memory).
@@ -275,15 +292,15 @@ class TorchBackend:
         model.config.use_cache = False
         model.to(self.device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.trust_remote_code)
-        why = (f"{self.device} device: {str(self.dtype).replace('torch.', '')}, attention {self.attn}"
+        why = (f"{self.device} device: {self.dtype_name}, attention {self.attn}"
                + (", decoder compiled" if self.compile else ""))
         echo(f"model: {recipe.model} ({config.get('model_type')}); {why}; torch {torch.__version__}")
-        return LoadedModel(model, tokenizer, path, config, str(self.dtype).replace("torch.", ""), why)
+        return LoadedModel(model, tokenizer, path, config, self.dtype_name, why)
 
     def attach_lora(self, model, spec, seed: int) -> dict:
         from peft import LoraConfig, get_peft_model
 
-        from edgetune.lora import lora_layer_count, match_targets
+        from edgetune.lora import lora_a_init, lora_layer_count, match_targets
 
         layers = model.model.layers
         keys = match_targets([n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)], spec)
@@ -308,8 +325,6 @@ class TorchBackend:
                 if hasattr(module, "cast_input_dtype_enabled"):
                     module.cast_input_dtype_enabled = False
         # The same starting adapter as the MLX backend for the same seed (lora.lora_a_init).
-        from edgetune.lora import lora_a_init
-
         with torch.no_grad():
             for i in range(first, len(layers)):
                 for key in keys:
@@ -322,7 +337,8 @@ class TorchBackend:
                 "lora_alpha": spec.alpha}
 
     def _lora_params(self, model) -> dict:
-        """{mlx-lm adapter key: (parameter, transposed?)} for every LoRA tensor of the PEFT model."""
+        """{mlx-lm adapter key: parameter} for every LoRA tensor of the PEFT model (PEFT stores
+        each transposed relative to mlx-lm: lora_a = A^T, lora_b = B^T)."""
         out = {}
         for name, p in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
@@ -373,7 +389,7 @@ class TorchBackend:
         recorded again for every shape. EDGETUNE_TORCH_COMPILE_MODE overrides the choice."""
         mode = compile_mode(static, self.cuda, self.attn, getattr(model, "_edgetune_checkpointing", False),
                             getattr(model, "_edgetune_dropout", 0.0), getattr(model, "_edgetune_accumulates", False),
-                            os.environ.get("EDGETUNE_TORCH_COMPILE_MODE"))
+                            self.compile_mode)
         # Bucketed plain rows: one graph per bucket, never one dynamic graph (which graphs re-record
         # for every size anyway); otherwise torch's automatic choice.
         dynamic = False if (static and self.plain_buckets) else None
@@ -522,7 +538,6 @@ class TorchBackend:
         params = grad_step.params
         for p in params:
             p.grad = None
-        self._last_norm = None
         if len(batches) > 1:
             grad_step.model._edgetune_accumulates = True  # read by `compile_mode` on the first forward
         loss_sum, ntoks_sum, sums = 0.0, 0.0, {}
@@ -539,23 +554,16 @@ class TorchBackend:
 
     def grad_norm(self, grads) -> float:
         gs = [p.grad for p in grads if p.grad is not None]
-        if not gs:
-            return 0.0
-        norm = _global_norm(gs)
-        self._last_norm = (gs, norm)  # `update` clips with it instead of computing it again
-        return float(norm)
+        return float(_global_norm(gs)) if gs else 0.0
 
     def make_update(self, model, optimizer, max_grad_norm, compile: bool):
         @torch.no_grad()
         def update(grads, ntoks: float) -> None:
             gs = [p.grad for p in grads if p.grad is not None]
-            cached, self._last_norm = self._last_norm, None
             torch._foreach_div_(gs, ntoks)
             if max_grad_norm:
-                # mlx's clip_grad_norm: scale by min(max / (norm + 1e-6), 1), with the norm of the
-                # normalised gradients (the one `grad_norm` took before the division, / ntoks).
-                same = cached is not None and len(cached[0]) == len(gs) and all(a is b for a, b in zip(cached[0], gs))
-                norm = cached[1] / ntoks if same else _global_norm(gs)
+                # mlx's clip_grad_norm: scale by min(max / (norm + 1e-6), 1).
+                norm = _global_norm(gs)
                 torch._foreach_mul_(gs, torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0).to(gs[0].dtype))
             optimizer.step()
 
@@ -604,5 +612,5 @@ class TorchBackend:
 
         return {"backend": "torch", "torch": torch.__version__, "transformers": transformers.__version__,
                 "peft": peft.__version__, "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu",
-                "dtype": str(self.dtype).replace("torch.", ""), "attention": self.attn, "compiled": self.compile,
+                "dtype": self.dtype_name, "attention": self.attn, "compiled": self.compile,
                 "activation_budget": self.activation_budget if self.compile else None}

@@ -476,10 +476,9 @@ def run_eval(settings: EvalSettings, out: str | Path, force: bool = False,
     from edgetune.eval.gate import resolve_gate
     from edgetune.eval.suites import load_suites
     from edgetune.fileio import atomic_dir
-    from edgetune.runtime import restore_openblas_threads
+    from edgetune.runtime import blas_info, restore_openblas_threads
 
     restore_openblas_threads()  # evaluation runs on MLX, also after a torch stage in this process
-    from edgetune.runtime import blas_info
 
     out = Path(out)
     if out.exists() and not force:
