@@ -47,9 +47,9 @@ def packing_caches(model, segment_ids):
     return [SegmentMaskCache(segment_ids) for _ in model.layers]
 
 
-def check_packing_supported(model_type: str) -> None:
+def check_packing_supported(model_type: str, section: str = "sft") -> None:
     if model_type not in PACKING_SAFE_MODEL_TYPES:
         raise UserError(
             f"packing is verified only for {', '.join(sorted(PACKING_SAFE_MODEL_TYPES))} models, "
-            f"not {model_type!r}; set sft.packing: false"
+            f"not {model_type!r}; set {section}.packing: false"
         )

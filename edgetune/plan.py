@@ -393,6 +393,11 @@ class Plan:
         }
 
 
+def rows_per_item(s: Settings) -> int:
+    """Rows per batch item: a pair is 2 rows, except when packed (`batch_size` then counts rows)."""
+    return 1 if s.packing else PREFERENCE_ROWS[s.stage]
+
+
 def estimate(shape: ModelShape, settings: Settings, budget: Budget) -> Plan:
     """Every part of the peak for one stage on one device (pure)."""
     s = settings
@@ -402,12 +407,12 @@ def estimate(shape: ModelShape, settings: Settings, budget: Budget) -> Plan:
     lora_layers = shape.layers if s.lora_layers is None else s.lora_layers
     if not 1 <= lora_layers <= shape.layers:
         raise UserError(f"{s.stage}.lora.layers: {lora_layers} is out of range; this model has {shape.layers} layers")
-    rows = s.batch_size * PREFERENCE_ROWS[s.stage]
+    rows = s.batch_size * rows_per_item(s)
     positions = supervised_positions(rows, s.max_seq_len, s.supervised_share)
     n_lora = lora_parameter_count(shape, s.lora_rank, s.lora_targets, lora_layers)
     matrices, vectors = parameter_counts(shape)
     group = shape.quant_group if shape.quant_bits else QUANTIZE_GROUP
-    what_rows = (f"{s.batch_size} pair{'s' * (s.batch_size > 1)} = {rows} rows" if PREFERENCE_ROWS[s.stage] == 2
+    what_rows = (f"{s.batch_size} pair{'s' * (s.batch_size > 1)} = {rows} rows" if rows_per_item(s) == 2
                  else f"{rows} row{'s' * (rows > 1)}")
     parts = [
         Part("base weights", weight_bytes(shape, bits, float_bytes, group),
@@ -654,11 +659,11 @@ def apply_memory_limits(plan: Plan, echo: Callable[[str], None] = print) -> None
 def render(plan: Plan, model: str) -> str:
     """The plan as a readable table by part."""
     s, shape = plan.settings, plan.shape
-    rows_per_item = PREFERENCE_ROWS[s.stage]
+    per_item = rows_per_item(s)
     lines = [
         f"{s.stage} on {model} ({shape.model_type}, {shape.layers} layers, hidden {shape.hidden}, vocabulary "
         f"{shape.vocab:,})",
-        f"batch {s.batch_size}{(' pair' + 's' * (s.batch_size > 1)) if rows_per_item == 2 else ''} x "
+        f"batch {s.batch_size}{(' pair' + 's' * (s.batch_size > 1)) if per_item == 2 else ' rows' * s.packing} x "
         f"{s.max_seq_len} tokens, "
         f"gradient checkpointing {'on' if s.grad_checkpoint else 'off'}, "
         + ("GPU: stored dtype" if plan.budget.gpu else "CPU: float32"),

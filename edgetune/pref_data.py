@@ -247,3 +247,85 @@ def group_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     order = np.lexsort((rng.permutation(len(lengths)), np.asarray(lengths)))
     groups = [[int(i) for i in order[i: i + batch_size]] for i in range(0, len(order), batch_size)]
     return [groups[i] for i in rng.permutation(len(groups))]
+
+
+# `pack_items` packs the items in chunks of this many: first fit over every open batch of a chunk
+# fills ~98% of the positions on chat-like length mixes, and chunking keeps that search linear in
+# the dataset (100k pairs in ~1.5 s) where one global search grew quadratically (~3 minutes).
+PACK_CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """One packed micro-batch: its items in loss order, and per row the (item, j) sequences it holds
+    (j: 0 chosen / 1 rejected of a pair; 0 for a KTO completion), in row order."""
+
+    items: list[int]
+    rows: list[list[tuple[int, int]]]
+
+
+def pack_items(lengths: Sequence[Sequence[int]], rows: int, capacity: int, seed: int,
+               epoch: int) -> list[PackedBatch]:
+    """Items placed whole, padding-free, into micro-batches of `rows` rows x `capacity` positions:
+    a pure function of the arguments.
+
+    `lengths[i]` are item i's sequence lengths (a pair: chosen, rejected; a KTO completion: one).
+    A pair's two sequences go in the same batch (its loss needs both) but may sit in different
+    rows. The items, shuffled by (seed, epoch), are packed PACK_CHUNK at a time: longest first, each
+    into the first open batch where every one of its sequences finds a row with room (first fit),
+    else into a new batch. The batch order is then shuffled by (seed, epoch). So a batch holds as
+    many items as fit, and the item count varies from batch to batch (the loss is normalised per
+    item, as with gradient accumulation). Raises ValueError for a sequence longer than `capacity`
+    or an item that cannot fit an empty batch.
+    """
+    if rows < 1:
+        raise ValueError("rows must be >= 1")
+    if not len(lengths):
+        return []
+    longest = max(max(item) for item in lengths)
+    if longest > capacity:
+        raise ValueError(f"a sequence of {longest} positions exceeds the row capacity {capacity}")
+    smallest = min(min(item) for item in lengths)
+    rng = np.random.default_rng([seed, epoch])
+    shuffled = rng.permutation(len(lengths)).tolist()
+    batches: list[PackedBatch] = []
+    for start in range(0, len(shuffled), PACK_CHUNK):
+        chunk = shuffled[start: start + PACK_CHUNK]
+        free: dict[int, list[int]] = {}  # open batches of this chunk: free positions per row
+        for i in sorted(chunk, key=lambda i: -sum(lengths[i])):  # stable: ties keep the shuffle
+            seqs = sorted(enumerate(lengths[i]), key=lambda s: -s[1])  # longest sequence first
+            for b, room in free.items():  # oldest first
+                placed = _first_fit(room, seqs) if max(room) >= seqs[0][1] else None
+                if placed is not None:
+                    break
+            else:
+                b = len(batches)
+                batches.append(PackedBatch([], [[] for _ in range(rows)]))
+                free[b] = [capacity] * rows
+                placed = _first_fit(free[b], seqs)
+                if placed is None:
+                    raise ValueError(f"an item of {len(seqs)} sequences ({sum(lengths[i])} positions) does not fit "
+                                     f"{rows} row(s) of {capacity} positions")
+            free[b] = placed[0]
+            batches[b].items.append(i)
+            for row, j in placed[1]:
+                batches[b].rows[row].append((i, j))
+            if max(free[b]) < smallest:
+                del free[b]  # full: nothing could go in any more
+    for batch in batches:
+        while batch.rows and not batch.rows[-1]:
+            batch.rows.pop()  # a batch of few items leaves its last rows empty (padding adds them back)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _first_fit(room: list[int], seqs: list[tuple[int, int]]):
+    """(free positions per row after placing, [(row, j)]) for sequences (j, length) each put in the
+    first row with room, or None when one does not fit."""
+    room, placed = list(room), []
+    for j, n in seqs:
+        row = next((r for r, f in enumerate(room) if f >= n), None)
+        if row is None:
+            return None
+        room[row] -= n
+        placed.append((row, j))
+    return room, placed

@@ -46,14 +46,19 @@ KTO_BALANCE = (1.0, 4.0 / 3.0)
 
 # --- per-sequence log-probs -----------------------------------------------------------------------
 
-def sequence_logprobs(model, tokens, select, targets, weights):
-    """Summed completion log-probs per row [R] and completion token counts per row [R].
+def sequence_logprobs(model, tokens, select, targets, weights, segment_ids=None, members=None):
+    """Summed completion log-probs per sequence [N] and completion token counts per sequence [N].
 
     `select`/`targets`/`weights` are `sft.to_micro_batch`'s flat supervised positions of the [R, T]
-    batch; the row of a flat position is `position // T` (padding entries have weight 0).
+    batch. Plain rows (one sequence each): the sequence of a flat position is its row,
+    `position // T` (padding entries have weight 0). Packed rows (`packing: true`): `segment_ids`
+    keep attention inside each sequence and `members` [N, S] (1 where selected position s belongs
+    to sequence n) sums each sequence's positions.
     """
-    h = hidden_states(model, tokens)
+    h = hidden_states(model, tokens, segment_ids)
     lp = head_logprobs(model, h.reshape(-1, h.shape[-1])[select], targets) * weights
+    if members is not None:
+        return (members * lp[None, :]).sum(axis=1), (members * weights[None, :]).sum(axis=1)
     rows = select // tokens.shape[1]
     zeros = mx.zeros((tokens.shape[0],), mx.float32)
     return zeros.at[rows].add(lp), zeros.at[rows].add(weights)
@@ -97,27 +102,32 @@ def head_logprobs(model, h, targets):
     return logprobs(h)
 
 
-def make_loss_fn(stage: str, cfg, backend=None) -> Callable:
+def make_loss_fn(stage: str, cfg, backend=None, packed: bool = False) -> Callable:
     """`loss_fn(model, tokens, select, targets, weights, *extra) -> (loss_sum, n, aux)` for `stage`.
 
-    Rows come in pairs [chosen, rejected, ...] for dpo/orpo; `extra` is the reference log-probs
-    per row (dpo, kto) and the desirable flags per row (kto). `backend` (MLX when None) supplies
-    the forward and its own copy of the losses.
+    Sequences come in pairs [chosen, rejected, ...] for dpo/orpo; `extra` is, for packed batches
+    (`packed`), the packing layout and the sequence `members` (see `sequence_logprobs`), then the
+    reference log-probs per sequence (dpo, kto) and the desirable flags per sequence (kto).
+    `backend` (MLX when None) supplies the forward and its own copy of the losses.
     """
     mlx = backend is None or backend.name == "mlx"
     seq_logprobs, L = (sequence_logprobs, mlx_losses) if mlx else (backend.sequence_logprobs, backend.losses)
     dpo, kto, orpo = L.dpo_loss, L.kto_loss, L.orpo_loss
+    # How many leading `extra` arrays describe the layout rather than the items.
+    n_layout = 2 if packed else 0
     if stage == "dpo":
-        def loss_fn(model, tokens, select, targets, weights, ref):
-            logps, _ = seq_logprobs(model, tokens, select, targets, weights)
+        def loss_fn(model, tokens, select, targets, weights, *extra):
+            logps, _ = seq_logprobs(model, tokens, select, targets, weights, *extra[:n_layout])
+            ref = extra[n_layout]
             return dpo(logps[0::2], logps[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.loss, cfg.label_smoothing)
     elif stage == "kto":
-        def loss_fn(model, tokens, select, targets, weights, ref, desirable):
-            logps, _ = seq_logprobs(model, tokens, select, targets, weights)
+        def loss_fn(model, tokens, select, targets, weights, *extra):
+            logps, _ = seq_logprobs(model, tokens, select, targets, weights, *extra[:n_layout])
+            ref, desirable = extra[n_layout:]
             return kto(logps, ref, desirable, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
     elif stage == "orpo":
-        def loss_fn(model, tokens, select, targets, weights):
-            logps, ntoks = seq_logprobs(model, tokens, select, targets, weights)
+        def loss_fn(model, tokens, select, targets, weights, *extra):
+            logps, ntoks = seq_logprobs(model, tokens, select, targets, weights, *extra[:n_layout])
             return orpo(logps[0::2], logps[1::2], ntoks[0::2], ntoks[1::2], cfg.beta)
     else:
         raise ValueError(f"unknown stage {stage!r}")
@@ -437,7 +447,7 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     init_from, and the shared loop's errors."""
     from edgetune.backends import choose_backend, get_backend
     from edgetune.recipe import require_data, with_backend
-    from edgetune.sft_data import collate
+    from edgetune.sft_data import collate, pad_rows
 
     require_data(recipe, stage)
     backend_name, backend_why = choose_backend(recipe.backend)
@@ -461,6 +471,10 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     echo(f"backend: {backend_name} ({backend_why})")
     loaded = backend.load(recipe, echo)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if cfg.packing:
+        from edgetune.packing import check_packing_supported
+
+        check_packing_supported(loaded.config.get("model_type", "?"), stage)
     data = prepare_data(recipe, stage, tokenizer, loaded.config["vocab_size"], echo)
     if stage == "kto":
         labels = data.labels["train"]
@@ -500,27 +514,62 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
                                         cfg.batch_size * data.per_item, echo, backend)
     reference_s = time.perf_counter() - reference_started
 
-    def items_batch(split: str, items: list[int]) -> MicroBatch:
-        """The micro-batch of these items (pairs or completions): rows in order, with their extras."""
+    # packing: true fills `batch_size` rows of max_seq_len with whole items (padding-free); rows
+    # then span max_seq_len on a compiling backend, so a compiled step sees one shape (as SFT's).
+    pad_multiple = cfg.max_seq_len if (cfg.packing and backend.static_packed_rows) else backend.pad_multiple
+
+    def items_batch(split: str, spec) -> MicroBatch:
+        """The micro-batch of `spec` (item indices, or a `PackedBatch`): its sequences in loss order
+        (chosen, rejected per pair), with their extras."""
         k = data.per_item
-        rows = [i * k + j for i in items for j in range(k)]
-        mb = backend.micro_batch(collate([[data.rows[split][r]] for r in rows], backend.pad_multiple))
-        extra = () if ref is None else (backend.array(ref[split][rows]),)
+        items = spec.items if cfg.packing else spec
+        seqs = [i * k + j for i in items for j in range(k)]
+        examples = data.rows[split]
+        if cfg.packing:
+            batch = collate([[examples[i * k + j] for i, j in row] for row in spec.rows], pad_multiple,
+                            cfg.max_seq_len)
+            if backend.static_packed_rows:
+                batch = pad_rows(batch, cfg.batch_size)
+            layout = (backend.packed_layout(batch.segment_ids), backend.array(sequence_members(spec, k, batch)))
+        else:
+            batch, layout = collate([[examples[r]] for r in seqs], backend.pad_multiple), ()
+        mb = backend.micro_batch(batch)
+        extra = () if ref is None else (backend.array(ref[split][seqs]),)
         if stage == "kto":
             extra += (backend.array(data.labels[split][items]),)
-        return MicroBatch(mb.arrays[:4] + extra, mb.n_tokens, [data.rows[split][r].id for r in rows[::k]])
+        return MicroBatch(mb.arrays[:4] + layout + extra, mb.n_tokens, [examples[r].id for r in seqs[::k]])
 
-    from edgetune.pref_data import group_batches
+    def epoch_specs(split: str, epoch: int) -> list:
+        """One epoch's micro-batches of `split`: packed, or groups of `batch_size` similar-length items."""
+        if not cfg.packing:
+            return group_batches(data.lengths(split), cfg.batch_size, cfg.seed, epoch)
+        rows, k = data.rows[split], data.per_item
+        lengths = [[rows[i * k + j].n_positions for j in range(k)] for i in range(len(rows) // k)]
+        try:
+            return pack_items(lengths, cfg.batch_size, cfg.max_seq_len, cfg.seed, epoch)
+        except ValueError as e:
+            raise UserError(f"{stage}.packing: {e}; raise {stage}.batch_size (rows per micro-batch) or "
+                            f"{stage}.max_seq_len") from None
+
+    from edgetune.pref_data import group_batches, pack_items
 
     epoch_batches: dict[int, list] = {}
 
-    def batches_of(epoch: int) -> list[list[int]]:
+    def batches_of(epoch: int) -> list:
         if epoch not in epoch_batches:
             epoch_batches.clear()
-            epoch_batches[epoch] = group_batches(data.lengths("train"), cfg.batch_size, cfg.seed, epoch)
+            epoch_batches[epoch] = epoch_specs("train", epoch)
         return epoch_batches[epoch]
 
+    def n_items(spec) -> int:
+        return len(spec.items) if cfg.packing else len(spec)
+
     per_epoch = len(batches_of(0))
+    if cfg.packing:
+        used = sum(ex.n_positions for ex in data.rows["train"]) / (per_epoch * cfg.batch_size * cfg.max_seq_len)
+        echo(f"packing: {per_epoch} micro-batches of {cfg.batch_size} x {cfg.max_seq_len} positions per epoch, "
+             f"{len(data.rows['train']) // data.per_item / per_epoch:.1f} {'pairs' if data.per_item == 2 else 'completions'} "
+             f"each on average, {1 - used:.1%} padding")
     steps = cfg.steps or max(1, -(-int(cfg.epochs * per_epoch) // cfg.grad_accumulation))
 
     def micro_batch(cursor: int) -> MicroBatch:
@@ -533,8 +582,8 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
                             reference_fingerprint=fingerprint)
     state, metrics = start_or_resume(out, manifest, stage, resume, backend, model, optimizer, echo)
 
-    loss_fn = make_loss_fn(stage, cfg, backend)
-    eval_groups = group_batches(data.lengths("eval"), cfg.batch_size, cfg.seed, 0) if data.rows["eval"] else []
+    loss_fn = make_loss_fn(stage, cfg, backend, packed=cfg.packing)
+    eval_groups = epoch_specs("eval", 0) if data.rows["eval"] else []
     eval_batches = [items_batch("eval", g) for g in eval_groups[: cfg.eval_batches or None]]
 
     def evaluate() -> dict:
@@ -558,7 +607,7 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     elapsed = time.perf_counter() - t0
     backend.set_training(model, False)
 
-    items_trained = sum(len(batches_of(c // per_epoch)[c % per_epoch]) for c in range(first_cursor, state.cursor))
+    items_trained = sum(n_items(batches_of(c // per_epoch)[c % per_epoch]) for c in range(first_cursor, state.cursor))
     backend.save_adapter(model, adapter_cfg, out / "adapter")
     summary = metrics.summary()
     steps_done = [r for r in metrics.records if r.get("loss") is not None and "eval" not in r]
@@ -576,6 +625,23 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     return summary
 
 
+def sequence_members(spec, per_item: int, batch) -> np.ndarray:
+    """[N, S] float32 for a packed `batch` laid out by `spec` (a `pref_data.PackedBatch`): 1 where
+    the s-th selected position (`sft.host_arrays`' `select`) belongs to sequence n, sequences in
+    loss order (item by item; a pair's chosen, then rejected). Selected padding belongs to none."""
+    from edgetune.sft import host_arrays
+
+    (_, select, _, weights), _ = host_arrays(batch)
+    index = {item: n for n, item in enumerate(spec.items)}
+    owner = np.full(batch.segment_ids.shape, -1, np.int64)
+    for r, row in enumerate(spec.rows):
+        for seg, (i, j) in enumerate(row, 1):  # collate numbers a row's sequences 1, 2, ...
+            owner[r][batch.segment_ids[r] == seg] = index[i] * per_item + j
+    owner = owner.reshape(-1)[select]
+    owner[weights == 0] = -1
+    return (owner[None, :] == np.arange(len(spec.items) * per_item)[:, None]).astype(np.float32)
+
+
 def evaluate_batches(model, loss_fn, batches: list[MicroBatch]) -> dict:
     """Mean loss and mean aux metrics (per pair or completion) over pre-built eval batches."""
     total, count, aux_sum = 0.0, 0.0, {}
@@ -588,20 +654,41 @@ def evaluate_batches(model, loss_fn, batches: list[MicroBatch]) -> dict:
 
 
 def score_on_backend(backend, model, rows, batch_size: int, echo, label: str) -> np.ndarray:
-    """`compute_reference` for a non-MLX backend: the same length-sorted batches, scored through
-    `backend` (no gradients, dropout off), in row order."""
-    from edgetune.pref_data import group_batches
+    """`compute_reference` for a non-MLX backend: rows sorted by length, scored through `backend`
+    (no gradients, dropout off) in batches of up to `batch_size` x the longest row's positions
+    times the backend's `reference_batch_factor`; the result is in row order.
+
+    Why the factor: this forward runs eager (each shape is seen once, so compiling does not pay),
+    and eager PEFT + transformers costs CPU time per call rather than per token. On an H200 a
+    [16, ~600] batch took ~200 ms for ~25 ms of kernels, so the torch backend on CUDA scores 4x
+    the positions per call; a no-grad forward keeps one layer's activations, not every layer's as
+    the training step does, so that stays far below the training peak."""
     from edgetune.sft_data import collate
 
     started = time.perf_counter()
     out = np.zeros(len(rows), np.float32)
-    for group in group_batches([r.n_positions for r in rows], batch_size, 0, 0):
+    lengths = [r.n_positions for r in rows]
+    budget = batch_size * max(lengths, default=1) * getattr(backend, "reference_batch_factor", 1)
+    for group in reference_groups(lengths, budget, backend.pad_multiple):
         mb = backend.micro_batch(collate([[rows[i]] for i in group], backend.pad_multiple))
         with backend.no_grad():
             logps, _ = backend.sequence_logprobs(model, *mb.arrays[:4])
         out[group] = backend.to_host(logps)
     echo(f"reference {label}: {len(rows)}/{len(rows)} completions scored ({time.perf_counter() - started:.1f} s)")
     return out
+
+
+def reference_groups(lengths, max_positions: int, pad_multiple: int) -> list[list[int]]:
+    """Row indices, shortest first, cut into groups whose padded [rows, longest] size stays within
+    `max_positions` (a row longer than that is a group of its own)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        width = -(-lengths[i] // pad_multiple) * pad_multiple  # sorted: this row sets the width
+        if groups and (len(groups[-1]) + 1) * width <= max_positions:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _check_same_reference(manifest: Path, fingerprint: str, resume: bool) -> None:

@@ -138,7 +138,8 @@ class SftConfig:
 
 
 # Preference stages reuse every SFT training key (LoRA, batching, schedule, checkpoints, guards)
-# and add their own; a batch holds `batch_size` pairs (DPO, ORPO) or completions (KTO).
+# and add their own; a batch holds `batch_size` pairs (DPO, ORPO) or completions (KTO), or with
+# `packing: true` `batch_size` rows filled with as many as fit.
 
 @dataclass
 class _PreferenceConfig(SftConfig):
@@ -148,12 +149,9 @@ class _PreferenceConfig(SftConfig):
                                   "path); its adapter_config sets the LoRA shape, and the `lora:` keys are ignored",
                           path="if_local")
 
-    def cross_check(self) -> list[tuple[str, str]]:
-        out = super().cross_check()
-        if self.packing:
-            out.append((f"{self.section}.packing", "not supported for preference training (each completion is "
-                                                   "its own row); set it to false"))
-        return out
+    packing: bool = _opt(False, "fill each micro-batch's `batch_size` rows of max_seq_len with whole pairs "
+                                "(completions for KTO), padding-free: batch_size then counts rows, and the pairs "
+                                "per step vary; false: batch_size similar-length pairs, one completion per row")
 
 
 @dataclass

@@ -7,8 +7,9 @@ process so that peak memory (torch.cuda.max_memory_allocated) is its own.
 
 The data is a *length mix*, as real chat feedback is: prompts and answers of 16-600 words each,
 log-uniform (most turns short, a few long), so rows are ~40-1024 tokens, ~300 on average. Each tool handles it its own default way — TRL pads every batch to
-its longest row; edgetune packs SFT rows padding-free into 1024-token rows and length-groups DPO
-pairs. Throughput counts real (non-padding) tokens / pairs only.
+its longest row; edgetune packs SFT rows, and DPO pairs, padding-free into 8 rows of 1024 positions
+(`packing: true`: a step then holds as many whole pairs as fit, ~7 here, where TRL's holds 8).
+Throughput counts real (non-padding) tokens / pairs only.
 
 - TRL SFTTrainer (prompt/completion conversational rows: loss on the completion, TRL's default)
   and DPOTrainer (its default: reference log-probs from the same PEFT model with the adapter off,
@@ -19,8 +20,9 @@ pairs. Throughput counts real (non-padding) tokens / pairs only.
   included), prorated to the pairs timed (the reference pass is eager, so "compile included" is
   nothing now). Part-name suffixes give variants of the same run: `_ckpt` sets
   `grad_checkpoint: true` (less memory, one more forward), `_nocg` turns CUDA graphs off (torch.compile
-  mode default), `_keepall` sets the activation budget to 1 (no recompute), `_buckets` pads plain rows
-  (DPO pairs) to multiples of 256 positions, so they get static shapes and CUDA graphs (an experiment).
+  mode default), `_keepall` sets the activation budget to 1 (no recompute), `_nopack` trains DPO on
+  batches of 8 similar-length pairs, one sequence per row (dynamic shapes, no CUDA graphs), and
+  `_buckets` pads those rows to multiples of 256 positions (static shapes, CUDA graphs; an experiment).
 - Each edgetune part also reports what explains its speed: every micro-batch's [B, T], torch.compile's
   counters, its first losses (variants must agree) and a torch.profiler table of 3 more steps run
   after the timed ones.
@@ -160,8 +162,9 @@ def edgetune_recipe(kind: str, args, work: Path, steps: int, tag: str, checkpoin
     section = {"lora": {"rank": RANK, "alpha": 2 * RANK, "dropout": 0.0}, "steps": steps,
                "batch_size": args.batch, "learning_rate": 1e-5, "max_seq_len": args.max_len,
                "save_every": 0, "log_every": 5}
-    if kind == "sft":
-        section["packing"] = True
+    # Both pack (padding-free, one static [batch, max_len] shape); `_nopack` DPO parts take
+    # batch_size similar-length pairs per step instead, as TRL does.
+    section["packing"] = kind == "sft" or "_nopack" not in args.part
     if checkpointing:
         section["grad_checkpoint"] = True
     recipe = {"model": str(args.model), "backend": "torch", "output": str(work / f"edgetune-{kind}-{tag}"),
@@ -180,6 +183,7 @@ class Diagnostics:
         from edgetune.backends.torch_backend import TorchBackend
 
         self.shapes, self.table, self.step, self.attention = [], None, 0, None
+        self.reference = []  # [rows, T, ms] per reference-pass call (synchronised: a few us each)
         self.first = first_profiled_step
         self.profiler = None
         diag = self
@@ -201,7 +205,22 @@ class Diagnostics:
 
             return wrapped
 
+        sequence_logprobs = TorchBackend.sequence_logprobs
+
+        def patched_sequence_logprobs(backend, model, tokens, *rest):
+            import torch
+
+            if torch.is_grad_enabled() or not cuda():
+                return sequence_logprobs(backend, model, tokens, *rest)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = sequence_logprobs(backend, model, tokens, *rest)
+            torch.cuda.synchronize()
+            diag.reference.append([*tokens.shape, round((time.perf_counter() - t) * 1000, 1)])
+            return out
+
         TorchBackend.micro_batch, TorchBackend.make_update = patched_micro_batch, patched_make_update
+        TorchBackend.sequence_logprobs = patched_sequence_logprobs
 
     def after_step(self) -> None:
         import torch
@@ -227,7 +246,8 @@ class Diagnostics:
         import torch._dynamo.utils as du
 
         counters = {k: dict(v) for k, v in du.counters.items() if k in ("stats", "recompiles", "graph_break")}
-        return {"micro_batch_shapes": self.shapes, "dynamo": counters, "profile": self.table}
+        return {"micro_batch_shapes": self.shapes, "reference_calls": self.reference, "dynamo": counters,
+                "profile": self.table}
 
 
 def run_edgetune(kind: str, args, work: Path, checkpointing: bool = False) -> dict:
@@ -264,10 +284,13 @@ def run_edgetune(kind: str, args, work: Path, checkpointing: bool = False) -> di
         out["tok_s"] = out["tokens"] / seconds
         out["tok_s_whole_run"] = s["tokens"] / s["elapsed_s"]
     else:
-        pairs = len(timed) * args.batch
-        ref = s["reference_s"] * pairs / s["items_trained"]
-        out.update({"pairs": pairs, "reference_s_total": s["reference_s"], "reference_s_charged": ref,
-                    "pairs_s": pairs / (seconds + ref), "pairs_s_loop_only": pairs / seconds,
+        # Packed steps hold as many pairs as fit in batch x max_len positions, so count them.
+        pairs = sum(r["items"] for r in timed)
+        # The reference pass scored each pair of the file once: charge the pairs timed their share.
+        in_file = len((work / f"dpo-edgetune-{tag}.jsonl").read_text().splitlines())
+        ref = s["reference_s"] * pairs / in_file
+        out.update({"pairs": pairs, "pairs_per_step": pairs / len(timed), "reference_s_total": s["reference_s"],
+                    "reference_s_charged": ref, "pairs_s": pairs / (seconds + ref), "pairs_s_loop_only": pairs / seconds,
                     "pairs_s_whole_run": s["items_trained"] / (s["elapsed_s"] + s["reference_s"])})
     out["attention"] = diag.attention
     out["first_losses"] = [round(r["loss"], 4) for r in steps[:6]]  # variants of one run must agree
@@ -309,8 +332,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--parts", default="trl_sft,edgetune_sft,trl_dpo,edgetune_dpo,edgetune_sft_ckpt",
                     help="edgetune parts: _ckpt for grad_checkpoint: true, _nocg for no CUDA graphs (compile mode "
-                         "default), _keepall for activation budget 1 (no recompute), _buckets for "
-                         "EDGETUNE_TORCH_PLAIN_BUCKETS=1 (DPO rows in static length buckets, CUDA graphs)")
+                         "default), _keepall for activation budget 1 (no recompute), _nopack for DPO on "
+                         "plain rows (8 pairs per step), _buckets for EDGETUNE_TORCH_PLAIN_BUCKETS=1 (with "
+                         "_nopack: plain rows in static length buckets, CUDA graphs)")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--out", type=Path)

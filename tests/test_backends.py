@@ -234,6 +234,54 @@ def test_same_pairs_give_the_same_dpo_loss_and_gradients(tmp_path, tiny_model_di
         np.testing.assert_allclose(t_g[k], m_g[k], atol=1e-4, err_msg=k)
 
 
+@pytest.mark.parametrize("stage", ["dpo", "orpo"])
+def test_packed_pairs_give_the_plain_rows_loss_and_gradients_on_both_backends(tmp_path, tiny_model_dir, stage):
+    """`packing: true` for preference stages: pairs laid padding-free into shared rows (a pair's two
+    sequences possibly in different rows) give the loss, metrics and LoRA gradients of one
+    sequence per row, on each backend, and the backends agree."""
+    from mlx.utils import tree_flatten
+
+    from edgetune.pref_data import pack_items
+    from edgetune.preference import make_loss_fn, sequence_members
+
+    models = both_backends(tiny_model_dir, tmp_path)
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    rows = examples(vocab, 10, seed=7)  # five pairs: chosen, rejected, ...
+    ref = np.random.default_rng(2).uniform(-45, -20, 10).astype(np.float32)
+    [spec] = pack_items([[rows[2 * i].n_positions, rows[2 * i + 1].n_positions] for i in range(5)], 4, 64, 0, 0)
+    order = [2 * i + j for i in spec.items for j in range(2)]  # sequences in the packed batch's loss order
+    packed = collate([[rows[2 * i + j] for i, j in row] for row in spec.rows], 8, 64)
+    assert (packed.segment_ids.max(axis=1) > 2).any()  # rows really are shared
+    assert any({i for i, _ in row} != {i for i, _ in spec.rows[0]} for row in spec.rows[1:])
+    members = sequence_members(spec, 2, packed)
+    cfg = types.SimpleNamespace(beta=0.2, loss="sigmoid", label_smoothing=0.0)
+    results = {}
+    for name, (b, model, _) in models.items():
+        extra = () if stage == "orpo" else (b.array(ref[order]),)
+        got = []
+        for batch, layout, fn in ((collate([[rows[r]] for r in order]), (), make_loss_fn(stage, cfg, b)),
+                                  (packed, (b.packed_layout(packed.segment_ids), b.array(members)),
+                                   make_loss_fn(stage, cfg, b, packed=True))):
+            if name == "torch":
+                for p in model.parameters():
+                    p.grad = None
+            step = b.make_grad_step(model, fn, compile=False)
+            loss, n, aux, grads = step(*b.micro_batch(batch).arrays[:4], *layout, *extra)
+            grads = {k: np.array(v) for k, v in tree_flatten(grads)} if name == "mlx" else lora_grads_torch(model)
+            got.append((float(loss), float(n), {k: float(v) for k, v in aux.items()}, grads))
+        (p_loss, p_n, p_aux, p_g), (k_loss, k_n, k_aux, k_g) = got
+        assert p_n == k_n == 5
+        assert abs(p_loss - k_loss) < 1e-5, name
+        for k in p_aux:
+            assert abs(p_aux[k] - k_aux[k]) < 1e-4, (name, k)
+        for k in p_g:
+            np.testing.assert_allclose(k_g[k], p_g[k], rtol=1e-4, atol=1e-5, err_msg=f"{name} {k}")
+        results[name] = got[1]
+    assert abs(results["mlx"][0] - results["torch"][0]) < 1e-4
+    for k in results["mlx"][3]:
+        np.testing.assert_allclose(results["torch"][3][k], results["mlx"][3][k], atol=1e-4, err_msg=k)
+
+
 def test_adapters_cross_over_between_backends(tmp_path, tiny_model_dir):
     """An adapter saved by torch is the MLX adapter format: mlx_lm.load takes it and gives the
     logits the torch model gives; and torch continues from an MLX-saved adapter."""
@@ -332,11 +380,20 @@ def test_compiled_blocks_are_compiled_once_per_model_on_the_first_forward(tmp_pa
     loaded = b.load(recipe_for(tiny_model_dir, "torch"), echo=lambda m: None)
     b.attach_lora(loaded.model, LoraSpec(rank=4, alpha=8.0), seed=0)
     assert not hasattr(loaded.model, "_edgetune_compiled")
+    calls = []
+    compile_blocks = b._compile_blocks
+    b._compile_blocks = lambda model, static: (calls.append(static), compile_blocks(model, static))
     mb = b.micro_batch(collate([[r] for r in examples(97, 3)]), packing=True)
     with b.no_grad():  # forward-only passes run eager, even where compiling is on
+        b.target_logprobs(loaded.model, *mb.arrays[:3])  # plain rows, as the DPO reference pass
         eager = b.target_logprobs(loaded.model, *mb.arrays[:3], *mb.arrays[4:])
-    assert loaded.model._edgetune_compiled == "default"
+    # ... and compile nothing: the first training forward's layout (here packed rows: one static
+    # shape, which gets CUDA graphs on a GPU) picks the mode.
+    assert not hasattr(loaded.model, "_edgetune_compiled") and calls == []
     compiled = b.target_logprobs(loaded.model, *mb.arrays[:3], *mb.arrays[4:])
+    assert loaded.model._edgetune_compiled == "default" and calls == [True]
+    b.target_logprobs(loaded.model, *mb.arrays[:3], *mb.arrays[4:])
+    assert calls == [True]  # once per model
     np.testing.assert_allclose(compiled.detach().numpy(), eager.numpy(), atol=1e-4)
 
 

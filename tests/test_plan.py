@@ -140,6 +140,17 @@ def test_a_dpo_pair_costs_two_rows():
     assert "reference cache" not in parts(estimate(SMALL, settings("orpo", batch=2, seq=256), CPU))
 
 
+def test_packed_preference_batches_count_rows_not_pairs():
+    """packing: true -> batch_size is rows of max_seq_len (pairs fill them), so 4 packed rows cost
+    what 4 packed SFT rows cost, not 8."""
+    parts = lambda plan: {p.name: p.bytes for p in plan.parts if p.name != "reference cache"}  # noqa: E731
+    packed = estimate(SMALL, settings("dpo", batch=4, seq=256, packing=True), CPU)
+    assert parts(packed) == parts(estimate(SMALL, settings("sft", batch=4, seq=256, packing=True), CPU))
+    from edgetune.plan import render
+
+    assert "batch 4 rows x 256 tokens" in render(packed, "m")
+
+
 def test_quantizing_shrinks_only_the_weights():
     plain = {p.name: p.bytes for p in estimate(SMALL, settings(), CPU).parts}
     q4 = {p.name: p.bytes for p in estimate(SMALL, settings(quantize="q4"), CPU).parts}

@@ -129,6 +129,35 @@ def test_group_batches_is_a_pure_function_of_seed_and_epoch_and_groups_lengths()
 
 # --- KTO balance, init_from, recipe sections ------------------------------------------------------
 
+def test_pack_items_places_every_item_whole_in_rows_within_capacity_deterministically():
+    from edgetune.pref_data import pack_items
+
+    rng = np.random.default_rng(0)
+    lengths = [[int(a), int(b)] for a, b in rng.integers(5, 120, (200, 2))]
+    batches = pack_items(lengths, 4, 128, seed=3, epoch=1)
+    assert batches == pack_items(lengths, 4, 128, seed=3, epoch=1)
+    assert batches != pack_items(lengths, 4, 128, seed=3, epoch=2)  # another epoch, another order
+    seen = []
+    for b in batches:
+        assert 1 <= len(b.rows) <= 4
+        for row in b.rows:
+            assert sum(lengths[i][j] for i, j in row) <= 128
+            assert all(i in b.items for i, _ in row)
+        placed = sorted((i, j) for row in b.rows for i, j in row)
+        assert placed == sorted((i, j) for i in b.items for j in (0, 1))  # both sequences, in this batch
+        seen += b.items
+    assert sorted(seen) == list(range(200))
+    # Padding-free and well filled: the positions used / offered.
+    used = sum(map(sum, lengths)) / (len(batches) * 4 * 128)
+    assert used > 0.85, used
+    # KTO completions are items of one sequence.
+    assert sorted(i for b in pack_items([[7]] * 9, 2, 20, 0, 0) for i in b.items) == list(range(9))
+    with pytest.raises(ValueError, match="exceeds the row capacity 128"):
+        pack_items([[10, 129]], 4, 128, 0, 0)
+    with pytest.raises(ValueError, match="does not fit 1 row"):
+        pack_items([[100, 100]], 1, 128, 0, 0)
+
+
 def test_kto_imbalance_warning_suggests_weights():
     assert kto_balance_warning(10, 10, 1.0, 1.0) is None
     assert kto_balance_warning(12, 10, 1.0, 1.0) is None  # ratio 1.2 is in [1, 4/3]
@@ -170,7 +199,7 @@ def test_preference_sections_share_training_keys_and_check_their_own(tmp_path):
         load_recipe(path)
     text = str(e.value)
     for needed in ("dpo.beta: must be greater than 0", "dpo.label_smoothing: applies to the sigmoid loss only",
-                   "dpo.packing: not supported", "dpo.stepz: unknown key; did you mean dpo.steps?",
+                   "dpo.stepz: unknown key; did you mean dpo.steps?",
                    "dpo.steps: set exactly one of dpo.steps and dpo.epochs"):
         assert needed in text, text
 
@@ -351,3 +380,16 @@ def test_chunked_head_gives_the_full_head_loss_and_lora_gradients_compiled(tiny_
         a, b = np.array(g1[k]), np.array(g2[k])
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), k
     assert any(np.abs(np.array(g)).max() > 0 for g in g1.values())
+
+
+def test_reference_groups_cover_every_row_once_within_the_position_budget():
+    from edgetune.preference import reference_groups
+
+    lengths = [5, 300, 17, 64, 64, 1000, 9, 120, 33, 2000]
+    groups = reference_groups(lengths, 1024, 8)
+    assert sorted(i for g in groups for i in g) == list(range(10))
+    for g in groups:
+        width = -(-max(lengths[i] for i in g) // 8) * 8
+        assert len(g) == 1 or len(g) * width <= 1024  # a row over the budget is a group of its own
+    # Short rows share one call (5 ... 120: 7 x 120 positions); 300, 1000 and 2000 go alone.
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[5, 9, 17, 33, 64, 64, 120], [300], [1000], [2000]]

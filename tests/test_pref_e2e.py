@@ -207,3 +207,29 @@ def test_orpo_learns_pairs_without_a_reference(tmp_path, tiny_model_dir, backend
     assert not (run / "reference_logps.safetensors").exists() and "reference" not in res.stderr.split("ORPO")[0]
     recs = [r for r in records(run) if r.get("loss") is not None]
     assert recs[-1]["loss"] < recs[0]["loss"] and recs[-1]["accuracy"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,backend", [("dpo", "mlx"), ("kto", "mlx"), pytest.param("dpo", BACKENDS[1].values[0],
+                                                                                     marks=BACKENDS[1].marks)])
+def test_packed_preference_rows_train_every_item_once_per_epoch_and_learn(tmp_path, tiny_model_dir, sft_adapter,
+                                                                          stage, backend):
+    """packing: true fills batch_size rows of max_seq_len with whole pairs (completions for KTO):
+    several per micro-batch, each once per epoch, and the stage learns as it does unpacked."""
+    data = "dpo.jsonl" if stage == "dpo" else "kto.jsonl"
+    recipe = write_recipe(tmp_path, tiny_model_dir, stage, data, backend, steps=16, init_from=str(sft_adapter),
+                          beta=0.1 if stage == "dpo" else 0.5, packing=True, batch_size=2)
+    res = edgetune(stage, str(recipe))
+    assert res.returncode == 0, res.stderr
+    assert "packing: " in res.stderr and "padding" in res.stderr
+    run = tmp_path / f"{stage}-run"
+    recs = [r for r in records(run) if r.get("loss") is not None]
+    items = 6 if stage == "dpo" else 12
+    per_epoch = json.loads((run / "manifest.json").read_text())["batches_per_epoch"]
+    assert per_epoch < items / 2  # several items share a micro-batch
+    assert sum(r["items"] for r in recs[:per_epoch]) == items  # one epoch: every item once
+    final_eval = [r["eval"] for r in records(run) if "eval" in r][-1]
+    if stage == "dpo":
+        assert final_eval["accuracy"] >= 0.95 and final_eval["margin"] > recs[0]["margin"] + 1.0
+    else:  # thumbs-up completions end well above thumbs-down ones (both start at 0)
+        assert final_eval["reward_desirable"] > final_eval["reward_undesirable"] + 1.0

@@ -71,8 +71,14 @@ class Backend(Protocol):
     def target_logprobs(self, model, tokens, select, targets, segment_ids=None):
         """log p(target) at the flat positions `select` of the [B, T] batch -> [S] (float32)."""
 
-    def sequence_logprobs(self, model, tokens, select, targets, weights):
-        """Summed completion log-probs per row [R] and completion token counts per row [R]."""
+    def packed_layout(self, segment_ids) -> Any:
+        """The [B, T] segment ids of packed rows as the layout `target_logprobs` takes (MLX: the
+        segment ids; torch: positions restarting at each example)."""
+
+    def sequence_logprobs(self, model, tokens, select, targets, weights, layout=None, members=None):
+        """Summed completion log-probs and completion token counts per sequence: per row [R] for
+        plain rows; per sequence [N] of packed rows (`layout`, and `members` [N, S] marking the
+        selected positions of each sequence)."""
 
     losses: Any  # a module-like namespace: sft_loss_from_logprobs, dpo_loss, kto_loss, orpo_loss
 

@@ -149,10 +149,13 @@ class MLXBackend:
 
         return target_logprobs(model, tokens, select, targets, segment_ids)
 
-    def sequence_logprobs(self, model, tokens, select, targets, weights):
+    def packed_layout(self, segment_ids):
+        return mx.array(segment_ids)
+
+    def sequence_logprobs(self, model, tokens, select, targets, weights, segment_ids=None, members=None):
         from edgetune.preference import sequence_logprobs
 
-        return sequence_logprobs(model, tokens, select, targets, weights)
+        return sequence_logprobs(model, tokens, select, targets, weights, segment_ids, members)
 
     @contextmanager
     def no_grad(self):

@@ -232,6 +232,10 @@ class TorchBackend:
         # packed rows then always span max_seq_len, so SFT compiles exactly one shape.
         self.pad_multiple = 64 if self.compile else 8
         self.static_packed_rows = self.compile
+        # The reference pass (eager, no gradients) scores this many times a training batch's
+        # positions per call on CUDA, where eager calls cost CPU time, not GPU time (see
+        # `preference.score_on_backend`).
+        self.reference_batch_factor = 4 if self.cuda else 1
         # An experiment, off by default (EDGETUNE_TORCH_PLAIN_BUCKETS=1; scripts/bench_gpu.py's
         # `_buckets` parts): plain rows (preference pairs, SFT without packing) padded to a multiple
         # of PLAIN_BUCKET positions, so a run sees a few static shapes, each compiled once and, on
@@ -445,9 +449,13 @@ class TorchBackend:
         packed = packed or (packing and self.static_packed_rows)
         arrays = tuple(self.array(a) for a in host)
         if packed:
-            arrays += (self.array(positions_from_segments(batch.segment_ids)),)
+            arrays += (self.packed_layout(batch.segment_ids),)
         return MicroBatch(arrays, int((batch.segment_ids > 0).sum()), list(batch.example_ids),
                           "packed" if packed else "plain")
+
+    def packed_layout(self, segment_ids):
+        """Packed rows' layout as this backend's forward takes it: positions restarting per example."""
+        return self.array(positions_from_segments(segment_ids))
 
     def target_logprobs(self, model, tokens, select, targets, position_ids=None):
         """log p(target) at the flat positions `select`; `position_ids` (restarting at 0 for each
@@ -459,7 +467,9 @@ class TorchBackend:
         mask = None if (position_ids is None or self.attn == "flash_attention_2") else packed_attention_mask(position_ids)
         packed_static = position_ids is not None and self.static_packed_rows
         static = packed_static or (position_ids is None and self.plain_buckets)
-        if self.compile and not hasattr(model, "_edgetune_compiled"):
+        # Compiled on the first training forward: a no-grad forward (the DPO/KTO reference pass,
+        # evaluation) runs eager and must not fix the compile mode for the training rows' layout.
+        if self.compile and torch.is_grad_enabled() and not hasattr(model, "_edgetune_compiled"):
             self._compile_blocks(model, static)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda), self._attention_kernels(mask), \
                 self._activation_budget(packed_static):
@@ -495,8 +505,10 @@ class TorchBackend:
 
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
-    def sequence_logprobs(self, model, tokens, select, targets, weights):
-        lp = self.target_logprobs(model, tokens, select, targets) * weights
+    def sequence_logprobs(self, model, tokens, select, targets, weights, position_ids=None, members=None):
+        lp = self.target_logprobs(model, tokens, select, targets, position_ids) * weights
+        if members is not None:  # packed rows: members [N, S] marks each sequence's positions
+            return (members * lp[None, :]).sum(1), (members * weights[None, :]).sum(1)
         rows = select // tokens.shape[1]
         zeros = torch.zeros(tokens.shape[0], dtype=torch.float32, device=lp.device)
         return zeros.index_add(0, rows, lp), zeros.index_add(0, rows, weights.float())
