@@ -30,7 +30,8 @@ class SegmentMaskCache:
 
     def make_mask(self, N, return_array=False, window_size=None):
         if window_size is not None:
-            raise UserError("packing: sliding-window attention is not supported; set sft.packing: false")
+            raise UserError("packing: sliding-window attention is not supported; set packing: false in the "
+                            "stage's section of the recipe")
         from edgetune.runtime import mlx_core
 
         mx = mlx_core()

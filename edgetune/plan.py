@@ -528,7 +528,9 @@ def plan_recipe(recipe, stage: str, budget: Budget, config: dict | None = None, 
     context = config.get("max_position_embeddings")
     seq_lens = given("max_seq_len", tuple(n for n in AUTO_SEQ_LENS if not context or n <= context) or (256,))
     checkpoints = given("grad_checkpoint", (False, True))
-    batches = given("batch_size", AUTO_BATCH_SIZES)
+    # Packed pairs need 2 rows: a pair's chosen and rejected rarely fit one row together.
+    smallest_batch = 2 if (getattr(cfg, "packing", False) and PREFERENCE_ROWS[stage] == 2) else 1
+    batches = given("batch_size", tuple(b for b in AUTO_BATCH_SIZES if b >= smallest_batch))
     autos = [k for k in ("batch_size", "max_seq_len", "grad_checkpoint") if getattr(cfg, k) == "auto"]
 
     candidates = [estimate(shape, section_settings(recipe, stage, batch, seq, ckpt, shape), budget)
@@ -575,8 +577,10 @@ def advice(stage: str, plan: Plan) -> list[str]:
     if layers > 1:
         fewer = max(1, layers // 4)
         options.append((f"fewer LoRA layers: {stage}.lora.layers: {fewer}", dataclasses.replace(s, lora_layers=fewer)))
-    if s.batch_size > 1:
-        options.append((f"smaller batch: {stage}.batch_size: 1", dataclasses.replace(s, batch_size=1)))
+    smallest_batch = 2 if (s.packing and PREFERENCE_ROWS[s.stage] == 2) else 1  # as in `resolve_auto`'s ladder
+    if s.batch_size > smallest_batch:
+        options.append((f"smaller batch: {stage}.batch_size: {smallest_batch}",
+                        dataclasses.replace(s, batch_size=smallest_batch)))
     if not s.grad_checkpoint:
         options.append((f"{stage}.grad_checkpoint: true", dataclasses.replace(s, grad_checkpoint=True)))
     lines = []

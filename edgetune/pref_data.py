@@ -5,7 +5,8 @@ prefix check, one BOS, end-of-turn supervised), so a completion is scored
 over exactly the tokens SFT trains on. A preference pair is two examples with
 the same prompt; a batch of B pairs is one [2B, T] array with rows
 [chosen 1, rejected 1, chosen 2, ...], so both go through the policy in one
-forward.
+forward; with `packing: true` the sequences of a batch's pairs share rows
+(`pack_items`) and are summed per sequence, in the same order.
 
 Row formats (detected per row from its keys):
 - pairs (`{dir}/{split}/dpo.jsonl` of `edgetune data build`, TRL explicit
@@ -251,17 +252,29 @@ def group_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 # `pack_items` packs the items in chunks of this many: first fit over every open batch of a chunk
 # fills ~98% of the positions on chat-like length mixes, and chunking keeps that search linear in
-# the dataset (100k pairs in ~1.5 s) where one global search grew quadratically (~3 minutes).
+# the dataset (100k pairs in ~5 s) where one global search grew quadratically (~3 minutes).
 PACK_CHUNK = 2000
 
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """One packed micro-batch: its items in loss order, and per row the (item, j) sequences it holds
-    (j: 0 chosen / 1 rejected of a pair; 0 for a KTO completion), in row order."""
+    """One preference micro-batch: its items in loss order, and per row the (item, j) sequences it
+    holds (j: 0 chosen / 1 rejected of a pair; 0 for a KTO completion), in row order. Unpacked
+    batches hold one sequence per row."""
 
     items: list[int]
     rows: list[list[tuple[int, int]]]
+
+
+def preference_batches(lengths: Sequence[Sequence[int]], batch_size: int, max_seq_len: int, packing: bool,
+                       seed: int, epoch: int) -> list[PackedBatch]:
+    """One epoch's micro-batches of items whose sequences have `lengths` (see `pack_items`): packed
+    into `batch_size` rows of `max_seq_len`, or `batch_size` similar-length items (`group_batches`)
+    with one sequence per row. A pure function of the arguments."""
+    if packing:
+        return pack_items(lengths, batch_size, max_seq_len, seed, epoch)
+    groups = group_batches([max(item) for item in lengths], batch_size, seed, epoch)
+    return [PackedBatch(g, [[(i, j)] for i in g for j in range(len(lengths[i]))]) for g in groups]
 
 
 def pack_items(lengths: Sequence[Sequence[int]], rows: int, capacity: int, seed: int,
@@ -271,11 +284,12 @@ def pack_items(lengths: Sequence[Sequence[int]], rows: int, capacity: int, seed:
 
     `lengths[i]` are item i's sequence lengths (a pair: chosen, rejected; a KTO completion: one).
     A pair's two sequences go in the same batch (its loss needs both) but may sit in different
-    rows. The items, shuffled by (seed, epoch), are packed PACK_CHUNK at a time: longest first, each
-    into the first open batch where every one of its sequences finds a row with room (first fit),
-    else into a new batch. The batch order is then shuffled by (seed, epoch). So a batch holds as
-    many items as fit, and the item count varies from batch to batch (the loss is normalised per
-    item, as with gradient accumulation). Raises ValueError for a sequence longer than `capacity`
+    rows. The items, shuffled by `seed`, are packed PACK_CHUNK at a time: longest first, each into
+    the first open batch where every one of its sequences finds a row with room (first fit), else
+    into a new batch. So a batch holds as many items as fit, and the item count varies from batch to
+    batch (the loss is normalised per item, as with gradient accumulation). The packing depends on
+    `seed` only, so every epoch has the same batches (a step cursor maps to one batch whatever the
+    epoch); `epoch` shuffles their order. Raises ValueError for a sequence longer than `capacity`
     or an item that cannot fit an empty batch.
     """
     if rows < 1:
@@ -286,8 +300,7 @@ def pack_items(lengths: Sequence[Sequence[int]], rows: int, capacity: int, seed:
     if longest > capacity:
         raise ValueError(f"a sequence of {longest} positions exceeds the row capacity {capacity}")
     smallest = min(min(item) for item in lengths)
-    rng = np.random.default_rng([seed, epoch])
-    shuffled = rng.permutation(len(lengths)).tolist()
+    shuffled = np.random.default_rng([seed]).permutation(len(lengths)).tolist()
     batches: list[PackedBatch] = []
     for start in range(0, len(shuffled), PACK_CHUNK):
         chunk = shuffled[start: start + PACK_CHUNK]
@@ -304,7 +317,7 @@ def pack_items(lengths: Sequence[Sequence[int]], rows: int, capacity: int, seed:
                 free[b] = [capacity] * rows
                 placed = _first_fit(free[b], seqs)
                 if placed is None:
-                    raise ValueError(f"an item of {len(seqs)} sequences ({sum(lengths[i])} positions) does not fit "
+                    raise ValueError(f"item {i}: {len(seqs)} sequences ({sum(lengths[i])} positions) do not fit "
                                      f"{rows} row(s) of {capacity} positions")
             free[b] = placed[0]
             batches[b].items.append(i)
@@ -315,10 +328,10 @@ def pack_items(lengths: Sequence[Sequence[int]], rows: int, capacity: int, seed:
     for batch in batches:
         while batch.rows and not batch.rows[-1]:
             batch.rows.pop()  # a batch of few items leaves its last rows empty (padding adds them back)
-    return [batches[i] for i in rng.permutation(len(batches))]
+    return [batches[i] for i in np.random.default_rng([seed, epoch]).permutation(len(batches))]
 
 
-def _first_fit(room: list[int], seqs: list[tuple[int, int]]):
+def _first_fit(room: list[int], seqs: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]] | None:
     """(free positions per row after placing, [(row, j)]) for sequences (j, length) each put in the
     first row with room, or None when one does not fit."""
     room, placed = list(room), []

@@ -147,10 +147,6 @@ class PreferenceData:
     stats: dict
     files: dict
 
-    def lengths(self, split: str) -> list[int]:
-        r, k = self.rows[split], self.per_item
-        return [max(r[i * k + j].n_positions for j in range(k)) for i in range(len(r) // k)]
-
 
 def prepare_data(recipe, stage: str, tokenizer, vocab_size: int, echo) -> PreferenceData:
     from edgetune.pref_data import load_preference_rows, preference_files, tokenize_pairs, tokenize_unpaired
@@ -504,73 +500,58 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     echo(f"LoRA: rank {spec.rank}, alpha {spec.alpha:g}, {len(adapter_cfg['lora_parameters']['keys'])} targets "
          f"x {adapter_cfg['num_layers']} layers = {backend.trainable_count(model):,} trainable parameters")
 
+    # packing: true fills `batch_size` rows of max_seq_len with whole items (padding-free); rows
+    # then span max_seq_len on a compiling backend, so a compiled step sees one shape (as SFT's).
+    # Batches are planned before the reference pass, so a pair that cannot be packed is named
+    # before minutes of scoring.
+    pad_multiple = cfg.max_seq_len if (cfg.packing and backend.static_packed_rows) else backend.pad_multiple
+    epoch_batches: dict[int, list] = {}
+
+    def batches_of(epoch: int) -> list:
+        if epoch not in epoch_batches:
+            epoch_batches.clear()
+            epoch_batches[epoch] = epoch_specs(stage, cfg, data, "train", epoch)
+        return epoch_batches[epoch]
+
+    per_epoch = len(batches_of(0))
+    eval_specs = epoch_specs(stage, cfg, data, "eval", 0)[: cfg.eval_batches or None] if data.rows["eval"] else []
+    if cfg.packing:
+        used = sum(ex.n_positions for ex in data.rows["train"]) / (per_epoch * cfg.batch_size * cfg.max_seq_len)
+        what = "pairs" if data.per_item == 2 else "completions"
+        echo(f"packing: {per_epoch} micro-batches of {cfg.batch_size} x {cfg.max_seq_len} positions per epoch, "
+             f"{len(data.rows['train']) // data.per_item / per_epoch:.1f} {what} each on average, "
+             f"{used:.1%} of the positions filled")
+    steps = cfg.steps or max(1, -(-int(cfg.epochs * per_epoch) // cfg.grad_accumulation))
+
     ref = None
     fingerprint = None
     reference_started = time.perf_counter()
     if stage != "orpo":
         fingerprint = reference_fingerprint(loaded.path, loaded.config, recipe.quantize, init_adapter, data)
         _check_same_reference(out / "manifest.json", fingerprint, resume)
-        ref = load_or_compute_reference(out / REFERENCE_FILE, fingerprint, model, data,
-                                        cfg.batch_size * data.per_item, echo, backend)
+        # Scored as plain rows, a training batch's worth at a time (`batch_size` rows when packed).
+        rows_per_batch = cfg.batch_size if cfg.packing else cfg.batch_size * data.per_item
+        ref = load_or_compute_reference(out / REFERENCE_FILE, fingerprint, model, data, rows_per_batch, echo,
+                                        backend)
     reference_s = time.perf_counter() - reference_started
 
-    # packing: true fills `batch_size` rows of max_seq_len with whole items (padding-free); rows
-    # then span max_seq_len on a compiling backend, so a compiled step sees one shape (as SFT's).
-    pad_multiple = cfg.max_seq_len if (cfg.packing and backend.static_packed_rows) else backend.pad_multiple
-
     def items_batch(split: str, spec) -> MicroBatch:
-        """The micro-batch of `spec` (item indices, or a `PackedBatch`): its sequences in loss order
-        (chosen, rejected per pair), with their extras."""
-        k = data.per_item
-        items = spec.items if cfg.packing else spec
-        seqs = [i * k + j for i in items for j in range(k)]
-        examples = data.rows[split]
+        """The micro-batch of `spec` (a `PackedBatch`): its sequences in loss order (chosen, rejected
+        per pair), with their extras; packed rows also carry their layout and sequence members."""
+        k, examples = data.per_item, data.rows[split]
+        seqs = [i * k + j for i in spec.items for j in range(k)]
+        batch = collate([[examples[i * k + j] for i, j in row] for row in spec.rows], pad_multiple,
+                        cfg.max_seq_len)
+        layout = ()
         if cfg.packing:
-            batch = collate([[examples[i * k + j] for i, j in row] for row in spec.rows], pad_multiple,
-                            cfg.max_seq_len)
             if backend.static_packed_rows:
                 batch = pad_rows(batch, cfg.batch_size)
             layout = (backend.packed_layout(batch.segment_ids), backend.array(sequence_members(spec, k, batch)))
-        else:
-            batch, layout = collate([[examples[r]] for r in seqs], backend.pad_multiple), ()
         mb = backend.micro_batch(batch)
         extra = () if ref is None else (backend.array(ref[split][seqs]),)
         if stage == "kto":
-            extra += (backend.array(data.labels[split][items]),)
+            extra += (backend.array(data.labels[split][spec.items]),)
         return MicroBatch(mb.arrays[:4] + layout + extra, mb.n_tokens, [examples[r].id for r in seqs[::k]])
-
-    def epoch_specs(split: str, epoch: int) -> list:
-        """One epoch's micro-batches of `split`: packed, or groups of `batch_size` similar-length items."""
-        if not cfg.packing:
-            return group_batches(data.lengths(split), cfg.batch_size, cfg.seed, epoch)
-        rows, k = data.rows[split], data.per_item
-        lengths = [[rows[i * k + j].n_positions for j in range(k)] for i in range(len(rows) // k)]
-        try:
-            return pack_items(lengths, cfg.batch_size, cfg.max_seq_len, cfg.seed, epoch)
-        except ValueError as e:
-            raise UserError(f"{stage}.packing: {e}; raise {stage}.batch_size (rows per micro-batch) or "
-                            f"{stage}.max_seq_len") from None
-
-    from edgetune.pref_data import group_batches, pack_items
-
-    epoch_batches: dict[int, list] = {}
-
-    def batches_of(epoch: int) -> list:
-        if epoch not in epoch_batches:
-            epoch_batches.clear()
-            epoch_batches[epoch] = epoch_specs("train", epoch)
-        return epoch_batches[epoch]
-
-    def n_items(spec) -> int:
-        return len(spec.items) if cfg.packing else len(spec)
-
-    per_epoch = len(batches_of(0))
-    if cfg.packing:
-        used = sum(ex.n_positions for ex in data.rows["train"]) / (per_epoch * cfg.batch_size * cfg.max_seq_len)
-        echo(f"packing: {per_epoch} micro-batches of {cfg.batch_size} x {cfg.max_seq_len} positions per epoch, "
-             f"{len(data.rows['train']) // data.per_item / per_epoch:.1f} {'pairs' if data.per_item == 2 else 'completions'} "
-             f"each on average, {1 - used:.1%} padding")
-    steps = cfg.steps or max(1, -(-int(cfg.epochs * per_epoch) // cfg.grad_accumulation))
 
     def micro_batch(cursor: int) -> MicroBatch:
         return items_batch("train", batches_of(cursor // per_epoch)[cursor % per_epoch])
@@ -583,8 +564,7 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     state, metrics = start_or_resume(out, manifest, stage, resume, backend, model, optimizer, echo)
 
     loss_fn = make_loss_fn(stage, cfg, backend, packed=cfg.packing)
-    eval_groups = epoch_specs("eval", 0) if data.rows["eval"] else []
-    eval_batches = [items_batch("eval", g) for g in eval_groups[: cfg.eval_batches or None]]
+    eval_batches = [items_batch("eval", spec) for spec in eval_specs]
 
     def evaluate() -> dict:
         backend.set_training(model, False)  # no dropout in the measurement
@@ -607,7 +587,7 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     elapsed = time.perf_counter() - t0
     backend.set_training(model, False)
 
-    items_trained = sum(n_items(batches_of(c // per_epoch)[c % per_epoch]) for c in range(first_cursor, state.cursor))
+    items_trained = sum(len(batches_of(c // per_epoch)[c % per_epoch].items) for c in range(first_cursor, state.cursor))
     backend.save_adapter(model, adapter_cfg, out / "adapter")
     summary = metrics.summary()
     steps_done = [r for r in metrics.records if r.get("loss") is not None and "eval" not in r]
@@ -623,6 +603,22 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
     write_json(out / "summary.json", summary)
     echo(summary_text(recipe, summary))
     return summary
+
+
+def epoch_specs(stage: str, cfg, data: PreferenceData, split: str, epoch: int) -> list:
+    """One epoch's micro-batches (`pref_data.PackedBatch`) of `split`: packed (`cfg.packing`), or
+    `batch_size` similar-length items. Raises UserError naming a pair that cannot be packed."""
+    from edgetune.pref_data import preference_batches
+
+    rows, k = data.rows[split], data.per_item
+    lengths = [[rows[i * k + j].n_positions for j in range(k)] for i in range(len(rows) // k)]
+    if cfg.packing and cfg.batch_size < k:  # one row per batch: a pair's two sequences share it
+        for i, item in enumerate(lengths):
+            if sum(item) > cfg.max_seq_len:
+                raise UserError(f"{rows[i * k].id}: {split} pair of {sum(item)} positions (chosen + rejected) does "
+                                f"not fit {stage}.batch_size 1 row of {stage}.max_seq_len {cfg.max_seq_len} with "
+                                f"{stage}.packing; set {stage}.batch_size to 2 or more (rows per micro-batch)")
+    return preference_batches(lengths, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed, epoch)
 
 
 def sequence_members(spec, per_item: int, batch) -> np.ndarray:
@@ -668,7 +664,7 @@ def score_on_backend(backend, model, rows, batch_size: int, echo, label: str) ->
     started = time.perf_counter()
     out = np.zeros(len(rows), np.float32)
     lengths = [r.n_positions for r in rows]
-    budget = batch_size * max(lengths, default=1) * getattr(backend, "reference_batch_factor", 1)
+    budget = batch_size * max(lengths, default=1) * backend.reference_batch_factor
     for group in reference_groups(lengths, budget, backend.pad_multiple):
         mb = backend.micro_batch(collate([[rows[i]] for i in group], backend.pad_multiple))
         with backend.no_grad():

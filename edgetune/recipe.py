@@ -149,6 +149,9 @@ class _PreferenceConfig(SftConfig):
                                   "path); its adapter_config sets the LoRA shape, and the `lora:` keys are ignored",
                           path="if_local")
 
+    batch_size: Union[int, Literal["auto"]] = _opt(
+        4, "pairs (kto: completions) per micro-batch, or with packing: true rows of max_seq_len; auto: the largest "
+           "that fits the device's memory (`edgetune plan`)", check=lambda v: None if v == "auto" else _at_least(1)(v))
     packing: bool = _opt(False, "fill each micro-batch's `batch_size` rows of max_seq_len with whole pairs "
                                 "(completions for KTO), padding-free: batch_size then counts rows, and the pairs "
                                 "per step vary; false: batch_size similar-length pairs, one completion per row")

@@ -137,8 +137,8 @@ def _loop(backend, model, optimizer, loss_fn, micro_batch, settings, checkpoint_
         rate = tokens_seen / max(now - started, 1e-9)
         lr = backend.learning_rate(optimizer)
         record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": norm, "tokens": n_tokens,
-                  "supervised_tokens": int(ntoks_total), "items": len(ids), "tok_s": n_tokens / max(now - step_started, 1e-9),
-                  "peak_memory_gb": backend.peak_memory_gb()}
+                  "supervised_tokens": int(ntoks_total), "items": len(ids),
+                  "tok_s": n_tokens / max(now - step_started, 1e-9), "peak_memory_gb": backend.peak_memory_gb()}
         aux = {k: float(v) / max(ntoks_total, 1.0) for k, v in aux_sum.items()}
         record.update(aux)
         report(record)

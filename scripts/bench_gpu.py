@@ -290,7 +290,8 @@ def run_edgetune(kind: str, args, work: Path, checkpointing: bool = False) -> di
         in_file = len((work / f"dpo-edgetune-{tag}.jsonl").read_text().splitlines())
         ref = s["reference_s"] * pairs / in_file
         out.update({"pairs": pairs, "pairs_per_step": pairs / len(timed), "reference_s_total": s["reference_s"],
-                    "reference_s_charged": ref, "pairs_s": pairs / (seconds + ref), "pairs_s_loop_only": pairs / seconds,
+                    "reference_s_charged": ref, "pairs_s": pairs / (seconds + ref),
+                    "pairs_s_loop_only": pairs / seconds,
                     "pairs_s_whole_run": s["items_trained"] / (s["elapsed_s"] + s["reference_s"])})
     out["attention"] = diag.attention
     out["first_losses"] = [round(r["loss"], 4) for r in steps[:6]]  # variants of one run must agree

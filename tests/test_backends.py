@@ -24,7 +24,7 @@ from edgetune.backends.torch_backend import (AdamW, lr_at, positions_from_segmen
 from edgetune.errors import UserError  # noqa: E402
 from edgetune.lora import LoraSpec  # noqa: E402
 from edgetune.runtime import mlx_core  # noqa: E402
-from edgetune.sft_data import TokenizedExample, collate  # noqa: E402
+from edgetune.sft_data import TokenizedExample, collate, pad_rows  # noqa: E402
 
 mx = mlx_core()
 from edgetune import losses as ML  # noqa: E402
@@ -250,10 +250,13 @@ def test_packed_pairs_give_the_plain_rows_loss_and_gradients_on_both_backends(tm
     ref = np.random.default_rng(2).uniform(-45, -20, 10).astype(np.float32)
     [spec] = pack_items([[rows[2 * i].n_positions, rows[2 * i + 1].n_positions] for i in range(5)], 4, 64, 0, 0)
     order = [2 * i + j for i in spec.items for j in range(2)]  # sequences in the packed batch's loss order
-    packed = collate([[rows[2 * i + j] for i, j in row] for row in spec.rows], 8, 64)
+    # Padded to 6 rows of 64, as on CUDA (one static shape): the padding rows hold no sequence.
+    packed = pad_rows(collate([[rows[2 * i + j] for i, j in row] for row in spec.rows], 64, 64), 6)
+    assert packed.tokens.shape == (6, 64) and len(spec.rows) < 6
     assert (packed.segment_ids.max(axis=1) > 2).any()  # rows really are shared
     assert any({i for i, _ in row} != {i for i, _ in spec.rows[0]} for row in spec.rows[1:])
     members = sequence_members(spec, 2, packed)
+    assert members.shape[0] == 10 and members.sum() == packed.n_supervised  # every supervised position, once
     cfg = types.SimpleNamespace(beta=0.2, loss="sigmoid", label_smoothing=0.0)
     results = {}
     for name, (b, model, _) in models.items():

@@ -136,7 +136,6 @@ def test_pack_items_places_every_item_whole_in_rows_within_capacity_deterministi
     lengths = [[int(a), int(b)] for a, b in rng.integers(5, 120, (200, 2))]
     batches = pack_items(lengths, 4, 128, seed=3, epoch=1)
     assert batches == pack_items(lengths, 4, 128, seed=3, epoch=1)
-    assert batches != pack_items(lengths, 4, 128, seed=3, epoch=2)  # another epoch, another order
     seen = []
     for b in batches:
         assert 1 <= len(b.rows) <= 4
@@ -147,15 +146,34 @@ def test_pack_items_places_every_item_whole_in_rows_within_capacity_deterministi
         assert placed == sorted((i, j) for i in b.items for j in (0, 1))  # both sequences, in this batch
         seen += b.items
     assert sorted(seen) == list(range(200))
+    assert any(len({i for i, _ in row}) > 1 for b in batches for row in b.rows)  # rows are shared
+    assert any({r for r, row in enumerate(b.rows) for i, j in row if i == b.items[0]} != {0}
+               for b in batches)  # and a pair may sit in two rows
     # Padding-free and well filled: the positions used / offered.
     used = sum(map(sum, lengths)) / (len(batches) * 4 * 128)
     assert used > 0.85, used
-    # KTO completions are items of one sequence.
+    # KTO completions are items of one sequence; no items, no batches.
     assert sorted(i for b in pack_items([[7]] * 9, 2, 20, 0, 0) for i in b.items) == list(range(9))
+    assert pack_items([], 4, 128, 0, 0) == []
     with pytest.raises(ValueError, match="exceeds the row capacity 128"):
         pack_items([[10, 129]], 4, 128, 0, 0)
-    with pytest.raises(ValueError, match="does not fit 1 row"):
+    with pytest.raises(ValueError, match="do not fit 1 row"):
         pack_items([[100, 100]], 1, 128, 0, 0)
+
+
+@pytest.mark.parametrize("chunk", [2000, 16])
+def test_every_epoch_packs_the_same_batches_in_its_own_order(monkeypatch, chunk):
+    """A step cursor maps to (epoch, batch) by a fixed batches-per-epoch count, so packing must
+    not change with the epoch (ties in length and chunking once did); only the order does."""
+    from edgetune import pref_data
+
+    monkeypatch.setattr(pref_data, "PACK_CHUNK", chunk)
+    rng = np.random.default_rng(1)
+    lengths = [[int(a), int(b)] for a, b in rng.integers(20, 70, (49, 2))]  # many equal sums, split otherwise
+    epochs = [pref_data.pack_items(lengths, 2, 128, seed=0, epoch=e) for e in range(4)]
+    key = lambda batches: sorted(map(repr, batches))  # noqa: E731
+    assert all(key(e) == key(epochs[0]) for e in epochs)
+    assert len({tuple(map(repr, e)) for e in epochs}) > 1  # the order is reshuffled per epoch
 
 
 def test_kto_imbalance_warning_suggests_weights():

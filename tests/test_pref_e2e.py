@@ -221,11 +221,11 @@ def test_packed_preference_rows_train_every_item_once_per_epoch_and_learn(tmp_pa
                           beta=0.1 if stage == "dpo" else 0.5, packing=True, batch_size=2)
     res = edgetune(stage, str(recipe))
     assert res.returncode == 0, res.stderr
-    assert "packing: " in res.stderr and "padding" in res.stderr
     run = tmp_path / f"{stage}-run"
     recs = [r for r in records(run) if r.get("loss") is not None]
     items = 6 if stage == "dpo" else 12
     per_epoch = json.loads((run / "manifest.json").read_text())["batches_per_epoch"]
+    assert f"packing: {per_epoch} micro-batches of 2 x 256 positions per epoch" in res.stderr
     assert per_epoch < items / 2  # several items share a micro-batch
     assert sum(r["items"] for r in recs[:per_epoch]) == items  # one epoch: every item once
     final_eval = [r["eval"] for r in records(run) if "eval" in r][-1]
@@ -233,3 +233,12 @@ def test_packed_preference_rows_train_every_item_once_per_epoch_and_learn(tmp_pa
         assert final_eval["accuracy"] >= 0.95 and final_eval["margin"] > recs[0]["margin"] + 1.0
     else:  # thumbs-up completions end well above thumbs-down ones (both start at 0)
         assert final_eval["reward_desirable"] > final_eval["reward_undesirable"] + 1.0
+
+
+def test_packed_pairs_that_cannot_share_one_row_are_named_before_the_reference_pass(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "dpo.jsonl", steps=2, packing=True, batch_size=1,
+                          max_seq_len=64)
+    res = edgetune("dpo", str(recipe))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "dpo.jsonl:1: train pair of" in res.stderr and "set dpo.batch_size to 2 or more" in res.stderr
+    assert "reference" not in res.stderr

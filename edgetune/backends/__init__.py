@@ -66,7 +66,9 @@ class Backend(Protocol):
 
     def micro_batch(self, batch, packing: bool = False):
         """`sft_data.Batch` -> `trainer.MicroBatch` whose arrays `target_logprobs` takes
-        (`packing`: the batch comes from packed SFT rows)."""
+        (`packing`: the recipe packs SFT rows; every batch then carries the packed layout)."""
+
+    reference_batch_factor: int  # the reference pass scores this many training batches' positions per call
 
     def target_logprobs(self, model, tokens, select, targets, segment_ids=None):
         """log p(target) at the flat positions `select` of the [B, T] batch -> [S] (float32)."""

@@ -90,6 +90,7 @@ class MLXBackend:
     losses = mlx_losses
     pad_multiple = 8  # rows are padded to a multiple of this (sft_data.collate)
     static_packed_rows = False  # mx.compile traces each shape cheaply; no need to pad packed rows
+    reference_batch_factor = 1  # (the MLX reference pass, `preference.compute_reference`, batches its own way)
 
     def __init__(self):
         from edgetune.runtime import restore_openblas_threads

@@ -381,7 +381,7 @@ class TorchBackend:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def _compile_blocks(self, model, static: bool) -> None:
-        """Compile every decoder block, once, on the first forward. Regional compilation: the blocks
+        """Compile every decoder block, once, on the first training forward. Regional compilation: the blocks
         share one code object, so one graph serves all of them (warm-up in seconds, not minutes),
         while the head stays in its own chunked function.
 
@@ -389,8 +389,9 @@ class TorchBackend:
         graphs (mode reduce-overhead): a 0.5B model's step launches ~1,300 small matmuls (LoRA's
         among them), and launching them, not running them, bounded the step. On an H200 (batch 8 x
         1024, LoRA r16 on all linears) this took SFT from 56k to 98k tokens/s with the same losses.
-        Rows of changing lengths (preference pairs) keep the default mode: CUDA graphs would be
-        recorded again for every shape. EDGETUNE_TORCH_COMPILE_MODE overrides the choice."""
+        Rows of changing lengths (unpacked preference pairs) keep the default mode: CUDA graphs
+        would be recorded again for every shape; packed pairs (`packing: true`) have the one static
+        shape and get graphs too. EDGETUNE_TORCH_COMPILE_MODE overrides the choice."""
         mode = compile_mode(static, self.cuda, self.attn, getattr(model, "_edgetune_checkpointing", False),
                             getattr(model, "_edgetune_dropout", 0.0), getattr(model, "_edgetune_accumulates", False),
                             self.compile_mode)
