@@ -328,6 +328,9 @@ def merge_unit(unit: str, chunks: list[Chunk], restaged: set[int], set_aside: se
                 add(first, fields, pos not in set_aside)
             else:
                 add(again, fields, True)
+        for source in (first, again):  # read once, by this unit only: freed now (see `_write_ranges`)
+            if source is not None:
+                os.unlink(source.index)
     merge.write(Path(folder))
     return merge.merged
 
@@ -475,8 +478,10 @@ class _OutputMerge:
         for split, ranges in self.ranges.items():
             path = folder / split / f"{output}.jsonl"
             path.parent.mkdir(exist_ok=True)
+            # Each staged rows file is read by this merge alone: it goes as soon as it is copied, so
+            # that the output's pages reuse its memory (see `_write_ranges`).
             merged.hashes[split, output] = _write_ranges([source.files[split] for source in self.sources], ranges,
-                                                         path)
+                                                         path, discard=True)
 
     def _cap_train_sft(self) -> None:
         rows, keys = self.sft_rows, self.sft_keys
@@ -506,19 +511,26 @@ class _OutputMerge:
                 self.merged.drops["persona_cap"] += 1
 
 
-def _write_ranges(files: list[Path], ranges: list[list[int]], dst: Path) -> str:
+def _write_ranges(files: list[Path], ranges: list[list[int]], dst: Path, discard: bool = False) -> str:
     """Write `dst` as the byte ranges `[file number, start, end]` of `files`, in order; return its sha256.
 
     Each range is read once, and hashed and written from the same buffer:
     `os.copy_file_range` would copy in the kernel, but the report's hash
     would then read the file back, and its per-call cost dominates on the
     many small ranges left between duplicates and replaced records.
+
+    With `discard`, each file is deleted once its last range is copied (and
+    every file at the end). Staged rows are as large as the outputs: freed
+    early, their page-cache memory is what the output's pages are made of,
+    where new memory would cost the kernel several times more (on the
+    build machine's VM, a fresh page costs more system time than copying it).
     """
     digest = hashlib.sha256()
     handles: dict[int, int] = {}
+    last_use = {number: i for i, (number, _, _) in enumerate(ranges)} if discard else {}
     try:
         with open(dst, "wb", buffering=WRITE_BLOCK) as out:
-            for number, start, end in ranges:
+            for i, (number, start, end) in enumerate(ranges):
                 fd = handles.get(number)
                 if fd is None:
                     fd = handles[number] = os.open(files[number], os.O_RDONLY)
@@ -529,9 +541,16 @@ def _write_ranges(files: list[Path], ranges: list[list[int]], dst: Path) -> str:
                     digest.update(block)
                     out.write(block)
                     start += len(block)
+                if last_use.get(number) == i:
+                    os.close(handles.pop(number))
+                    os.unlink(files[number])
     finally:
         for fd in handles.values():
             os.close(fd)
+    if discard:
+        for number, path in enumerate(files):
+            if number not in last_use:
+                os.unlink(path)  # nothing of it kept
     return digest.hexdigest()
 
 
