@@ -30,7 +30,6 @@ order and the same options give byte-identical outputs.
 from __future__ import annotations
 
 import bisect
-import gc
 import hashlib
 import json
 import multiprocessing
@@ -39,6 +38,7 @@ import sys
 import tempfile
 from array import array
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from hashlib import blake2b
@@ -122,21 +122,29 @@ def _size(path: Path) -> int:
         raise UserError(f"{path}: cannot open ({e.strerror or e})") from None
 
 
-def _run(fn: Callable, calls: list[tuple], jobs: int) -> list:
-    """`[fn(*args) for args in calls]`, in worker processes when `jobs` > 1."""
-    if jobs <= 1 or len(calls) <= 1:
-        return [fn(*args) for args in calls]
+@contextmanager
+def _workers(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The worker processes of one build or scan (None for `jobs` 1: everything runs here).
+
+    One pool serves every parallel step: its workers start once (when the
+    first step starts, so a forked one inherits little of this process) and
+    keep their memory from step to step, where new memory costs the kernel
+    more than reused memory (see `_write_ranges`).
+    """
+    if jobs <= 1:
+        yield None
+        return
     # fork: workers start in milliseconds and inherit the imports; macOS only supports spawn safely.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    # Forked workers share the parent's pages (the id index: hundreds of MB on big logs) until
-    # they write to them; a garbage collection in a worker would visit, and so copy, every
-    # inherited object. Frozen objects are never visited.
-    gc.freeze()
-    try:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=context) as pool:
-            return list(pool.map(fn, *zip(*calls)))
-    finally:
-        gc.unfreeze()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        yield pool
+
+
+def _run(fn: Callable, calls: list[tuple], pool: ProcessPoolExecutor | None) -> list:
+    """`[fn(*args) for args in calls]`, in the worker processes of `pool` if there is one."""
+    if pool is None or len(calls) <= 1:
+        return [fn(*args) for args in calls]
+    return list(pool.map(fn, *zip(*calls)))
 
 
 def _resolve_jobs(paths: list[Path], jobs: int | None) -> int:
@@ -194,7 +202,8 @@ def scan_logs(paths: list[Path], fmt: str = "v1", jobs: int | None = None) -> Sc
     jobs = _resolve_jobs(paths, jobs)
     chunks = plan_chunks(paths, fmt, jobs)
     options = BuildOptions(format=fmt)
-    return _combine(paths, chunks, _run(stage_chunk, [(c, options, None) for c in chunks], jobs))
+    with _workers(min(jobs, len(chunks))) as pool:
+        return _combine(paths, chunks, _run(stage_chunk, [(c, options, None) for c in chunks], pool))
 
 
 # --- the build -------------------------------------------------------------------------
@@ -219,19 +228,19 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
     # hidden folder that is removed whatever happens.
     stage_dir = out.parent if out.parent.is_dir() else None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.staging-", dir=stage_dir) as staging, \
-            ThreadPoolExecutor(max_workers=1) as background:
+            ThreadPoolExecutor(max_workers=1) as background, _workers(min(jobs, len(chunks))) as pool:
         # Input hashes (provenance) are a full extra read: done by a thread while the workers
         # parse (hashlib releases the GIL), not after them.
         input_hashes = background.submit(_sha256_files, paths)
         progress(f"reading {len(paths)} file(s) in {len(chunks)} chunk(s) with {min(jobs, len(chunks))} worker(s)")
-        scan = _combine(paths, chunks, _run(stage_chunk, [(c, options, staging) for c in chunks], jobs))
+        scan = _combine(paths, chunks, _run(stage_chunk, [(c, options, staging) for c in chunks], pool))
         if scan.problems and not options.skip_invalid:
             raise InputError(scan.problems)
 
         requests, orphans = _plan_restaging(scan)
         progress(f"joining split-out feedback to {sum(len(r) for r in requests.values())} conversation(s)")
         calls = [(c, requests[c.index], options, staging) for c in chunks if c.index in requests]
-        restaged = _run(restage_conversations, calls, jobs)
+        restaged = _run(restage_conversations, calls, pool)
         recurated = {pos for reqs in requests.values() for pos, _ in reqs}
         unused = sum(u for pos, u in scan.conversations.values() if pos not in recurated)
         for lost, recurated_unused in restaged:
@@ -247,7 +256,7 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
             units = ["kto", "sft", "dpo", TALLIES]
             restaged_chunks = set(requests)
             merged = Merged.total(_run(merge_unit, [(unit, chunks, restaged_chunks, set_aside, staging, str(folder),
-                                                     options) for unit in units], jobs))
+                                                     options) for unit in units], pool))
             report = _report(scan, options, merged, unused, orphans, input_hashes.result())
             write_json(folder / "report.json", report)
     return report
