@@ -43,7 +43,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from hashlib import blake2b
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from edgetune.data import rules
 from edgetune.data.records import FeedbackRecord
@@ -140,11 +140,13 @@ def _workers(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
         yield pool
 
 
-def _run(fn: Callable, calls: list[tuple], pool: ProcessPoolExecutor | None) -> list:
-    """`[fn(*args) for args in calls]`, in the worker processes of `pool` if there is one."""
+def _run(fn: Callable, calls: list[tuple], pool: ProcessPoolExecutor | None) -> Iterator:
+    """`fn(*args) for args in calls`, in the worker processes of `pool` if there is one: the
+    results in order, each as soon as it is there (so the caller can take in the first ones
+    while the workers make the others)."""
     if pool is None or len(calls) <= 1:
-        return [fn(*args) for args in calls]
-    return list(pool.map(fn, *zip(*calls)))
+        return (fn(*args) for args in calls)
+    return pool.map(fn, *zip(*calls))
 
 
 def _resolve_jobs(paths: list[Path], jobs: int | None) -> int:
@@ -171,8 +173,11 @@ class Scan:
     counts: Counter = field(default_factory=Counter)
 
 
-def _combine(paths: list[Path], chunks: list[Chunk], results: list[ChunkResult]) -> Scan:
-    """Merge the chunks' findings in log order: absolute line numbers, latest versions."""
+def _combine(paths: list[Path], chunks: list[Chunk], results: Iterable[ChunkResult]) -> Scan:
+    """Merge the chunks' findings in log order: absolute line numbers, latest versions.
+
+    `results` may be an iterator that the workers are still filling: each chunk is taken in while
+    the later ones are being read, rather than all of them once the last is done."""
     scan = Scan(paths, chunks)
     lines_before: Counter = Counter()  # file index -> lines in its earlier chunks
     for chunk, res in zip(chunks, results):
@@ -240,7 +245,7 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
         requests, orphans = _plan_restaging(scan)
         progress(f"joining split-out feedback to {sum(len(r) for r in requests.values())} conversation(s)")
         calls = [(c, requests[c.index], options, staging) for c in chunks if c.index in requests]
-        restaged = _run(restage_conversations, calls, pool)
+        restaged = list(_run(restage_conversations, calls, pool))
         recurated = {pos for reqs in requests.values() for pos, _ in reqs}
         unused = sum(u for pos, u in scan.conversations.values() if pos not in recurated)
         for lost, recurated_unused in restaged:
@@ -255,8 +260,8 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
             # the workers too; the tallies are summed by a fourth unit. Largest output first.
             units = ["kto", "sft", "dpo", TALLIES]
             restaged_chunks = set(requests)
-            merged = Merged.total(_run(merge_unit, [(unit, chunks, restaged_chunks, set_aside, staging, str(folder),
-                                                     options) for unit in units], pool))
+            calls = [(unit, chunks, restaged_chunks, set_aside, staging, str(folder), options) for unit in units]
+            merged = Merged.total(list(_run(merge_unit, calls, pool)))
             report = _report(scan, options, merged, unused, orphans, input_hashes.result())
             write_json(folder / "report.json", report)
     return report
