@@ -302,3 +302,25 @@ def test_write_ranges_concatenates_the_ranges_and_returns_the_sha256(tmp_path, m
     assert (tmp_path / "out").read_bytes() == b"2345678" + b"a" + b"0" + b"fghij"
     assert digest == hashlib.sha256(b"2345678a0fghij").hexdigest() == sha256_file(tmp_path / "out")
     assert build_module._write_ranges(files, [], tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_write_ranges_discard_deletes_each_file_once_copied(tmp_path, monkeypatch):
+    """The merge frees each staged file as soon as its last range is written; the output is the same."""
+    monkeypatch.setattr(build_module, "WRITE_BLOCK", 3)
+    files = [tmp_path / name for name in "abc"]
+    for f, data in zip(files, (b"0123456789", b"abcdefghij", b"unused")):
+        f.write_bytes(data)
+    unlinked = []
+    real_unlink = build_module.os.unlink
+
+    def unlink(path):
+        unlinked.append(Path(path).name)
+        real_unlink(path)
+
+    monkeypatch.setattr(build_module.os, "unlink", unlink)
+    digest = build_module._write_ranges(files, [[0, 2, 9], [1, 0, 1], [0, 0, 1], [1, 5, 10]], tmp_path / "out",
+                                        discard=True)
+    assert (tmp_path / "out").read_bytes() == b"2345678" + b"a" + b"0" + b"fghij"
+    assert digest == hashlib.sha256(b"2345678a0fghij").hexdigest()
+    assert unlinked == ["a", "b", "c"]  # a after its last range, b after its last, c (never read) at the end
+    assert not any(f.exists() for f in files)

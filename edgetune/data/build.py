@@ -30,7 +30,6 @@ order and the same options give byte-identical outputs.
 from __future__ import annotations
 
 import bisect
-import gc
 import hashlib
 import json
 import multiprocessing
@@ -39,11 +38,12 @@ import sys
 import tempfile
 from array import array
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from hashlib import blake2b
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from edgetune.data import rules
 from edgetune.data.records import FeedbackRecord
@@ -122,21 +122,31 @@ def _size(path: Path) -> int:
         raise UserError(f"{path}: cannot open ({e.strerror or e})") from None
 
 
-def _run(fn: Callable, calls: list[tuple], jobs: int) -> list:
-    """`[fn(*args) for args in calls]`, in worker processes when `jobs` > 1."""
-    if jobs <= 1 or len(calls) <= 1:
-        return [fn(*args) for args in calls]
+@contextmanager
+def _workers(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The worker processes of one build or scan (None for `jobs` 1: everything runs here).
+
+    One pool serves every parallel step: its workers start once (when the
+    first step starts, so a forked one inherits little of this process) and
+    keep their memory from step to step, where new memory costs the kernel
+    more than reused memory (see `_write_ranges`).
+    """
+    if jobs <= 1:
+        yield None
+        return
     # fork: workers start in milliseconds and inherit the imports; macOS only supports spawn safely.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    # Forked workers share the parent's pages (the id index: hundreds of MB on big logs) until
-    # they write to them; a garbage collection in a worker would visit, and so copy, every
-    # inherited object. Frozen objects are never visited.
-    gc.freeze()
-    try:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=context) as pool:
-            return list(pool.map(fn, *zip(*calls)))
-    finally:
-        gc.unfreeze()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        yield pool
+
+
+def _run(fn: Callable, calls: list[tuple], pool: ProcessPoolExecutor | None) -> Iterator:
+    """`fn(*args) for args in calls`, in the worker processes of `pool` if there is one: the
+    results in order, each as soon as it is there (so the caller can take in the first ones
+    while the workers make the others)."""
+    if pool is None or len(calls) <= 1:
+        return (fn(*args) for args in calls)
+    return pool.map(fn, *zip(*calls))
 
 
 def _resolve_jobs(paths: list[Path], jobs: int | None) -> int:
@@ -163,8 +173,11 @@ class Scan:
     counts: Counter = field(default_factory=Counter)
 
 
-def _combine(paths: list[Path], chunks: list[Chunk], results: list[ChunkResult]) -> Scan:
-    """Merge the chunks' findings in log order: absolute line numbers, latest versions."""
+def _combine(paths: list[Path], chunks: list[Chunk], results: Iterable[ChunkResult]) -> Scan:
+    """Merge the chunks' findings in log order: absolute line numbers, latest versions.
+
+    `results` may be an iterator that the workers are still filling: each chunk is taken in while
+    the later ones are being read, rather than all of them once the last is done."""
     scan = Scan(paths, chunks)
     lines_before: Counter = Counter()  # file index -> lines in its earlier chunks
     for chunk, res in zip(chunks, results):
@@ -194,7 +207,8 @@ def scan_logs(paths: list[Path], fmt: str = "v1", jobs: int | None = None) -> Sc
     jobs = _resolve_jobs(paths, jobs)
     chunks = plan_chunks(paths, fmt, jobs)
     options = BuildOptions(format=fmt)
-    return _combine(paths, chunks, _run(stage_chunk, [(c, options, None) for c in chunks], jobs))
+    with _workers(min(jobs, len(chunks))) as pool:
+        return _combine(paths, chunks, _run(stage_chunk, [(c, options, None) for c in chunks], pool))
 
 
 # --- the build -------------------------------------------------------------------------
@@ -219,19 +233,19 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
     # hidden folder that is removed whatever happens.
     stage_dir = out.parent if out.parent.is_dir() else None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.staging-", dir=stage_dir) as staging, \
-            ThreadPoolExecutor(max_workers=1) as background:
+            ThreadPoolExecutor(max_workers=1) as background, _workers(min(jobs, len(chunks))) as pool:
         # Input hashes (provenance) are a full extra read: done by a thread while the workers
         # parse (hashlib releases the GIL), not after them.
         input_hashes = background.submit(_sha256_files, paths)
         progress(f"reading {len(paths)} file(s) in {len(chunks)} chunk(s) with {min(jobs, len(chunks))} worker(s)")
-        scan = _combine(paths, chunks, _run(stage_chunk, [(c, options, staging) for c in chunks], jobs))
+        scan = _combine(paths, chunks, _run(stage_chunk, [(c, options, staging) for c in chunks], pool))
         if scan.problems and not options.skip_invalid:
             raise InputError(scan.problems)
 
         requests, orphans = _plan_restaging(scan)
         progress(f"joining split-out feedback to {sum(len(r) for r in requests.values())} conversation(s)")
         calls = [(c, requests[c.index], options, staging) for c in chunks if c.index in requests]
-        restaged = _run(restage_conversations, calls, jobs)
+        restaged = list(_run(restage_conversations, calls, pool))
         recurated = {pos for reqs in requests.values() for pos, _ in reqs}
         unused = sum(u for pos, u in scan.conversations.values() if pos not in recurated)
         for lost, recurated_unused in restaged:
@@ -246,8 +260,8 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
             # the workers too; the tallies are summed by a fourth unit. Largest output first.
             units = ["kto", "sft", "dpo", TALLIES]
             restaged_chunks = set(requests)
-            merged = Merged.total(_run(merge_unit, [(unit, chunks, restaged_chunks, set_aside, staging, str(folder),
-                                                     options) for unit in units], jobs))
+            calls = [(unit, chunks, restaged_chunks, set_aside, staging, str(folder), options) for unit in units]
+            merged = Merged.total(list(_run(merge_unit, calls, pool)))
             report = _report(scan, options, merged, unused, orphans, input_hashes.result())
             write_json(folder / "report.json", report)
     return report
@@ -328,6 +342,9 @@ def merge_unit(unit: str, chunks: list[Chunk], restaged: set[int], set_aside: se
                 add(first, fields, pos not in set_aside)
             else:
                 add(again, fields, True)
+        for source in (first, again):  # read once, by this unit only: freed now (see `_write_ranges`)
+            if source is not None:
+                os.unlink(source.index)
     merge.write(Path(folder))
     return merge.merged
 
@@ -475,8 +492,10 @@ class _OutputMerge:
         for split, ranges in self.ranges.items():
             path = folder / split / f"{output}.jsonl"
             path.parent.mkdir(exist_ok=True)
+            # Each staged rows file is read by this merge alone: it goes as soon as it is copied, so
+            # that the output's pages reuse its memory (see `_write_ranges`).
             merged.hashes[split, output] = _write_ranges([source.files[split] for source in self.sources], ranges,
-                                                         path)
+                                                         path, discard=True)
 
     def _cap_train_sft(self) -> None:
         rows, keys = self.sft_rows, self.sft_keys
@@ -506,19 +525,26 @@ class _OutputMerge:
                 self.merged.drops["persona_cap"] += 1
 
 
-def _write_ranges(files: list[Path], ranges: list[list[int]], dst: Path) -> str:
+def _write_ranges(files: list[Path], ranges: list[list[int]], dst: Path, discard: bool = False) -> str:
     """Write `dst` as the byte ranges `[file number, start, end]` of `files`, in order; return its sha256.
 
     Each range is read once, and hashed and written from the same buffer:
     `os.copy_file_range` would copy in the kernel, but the report's hash
     would then read the file back, and its per-call cost dominates on the
     many small ranges left between duplicates and replaced records.
+
+    With `discard`, each file is deleted once its last range is copied (and
+    every file at the end). Staged rows are as large as the outputs: freed
+    early, their page-cache memory is what the output's pages are made of,
+    where new memory would cost the kernel several times more (on the
+    build machine's VM, a fresh page costs more system time than copying it).
     """
     digest = hashlib.sha256()
     handles: dict[int, int] = {}
+    last_use = {number: i for i, (number, _, _) in enumerate(ranges)} if discard else {}
     try:
         with open(dst, "wb", buffering=WRITE_BLOCK) as out:
-            for number, start, end in ranges:
+            for i, (number, start, end) in enumerate(ranges):
                 fd = handles.get(number)
                 if fd is None:
                     fd = handles[number] = os.open(files[number], os.O_RDONLY)
@@ -529,9 +555,16 @@ def _write_ranges(files: list[Path], ranges: list[list[int]], dst: Path) -> str:
                     digest.update(block)
                     out.write(block)
                     start += len(block)
+                if last_use.get(number) == i:
+                    os.close(handles.pop(number))
+                    os.unlink(files[number])
     finally:
         for fd in handles.values():
             os.close(fd)
+    if discard:
+        for number, path in enumerate(files):
+            if number not in last_use:
+                os.unlink(path)  # nothing of it kept
     return digest.hexdigest()
 
 

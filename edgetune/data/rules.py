@@ -147,10 +147,12 @@ def curate_conversation(conv: Conversation, extra: Mapping[str, Sequence[Feedbac
         fbs = [m.feedback] if m.feedback is not None else []
         if extra and m.id in extra:
             fbs += extra[m.id]
-        ratings = {f.rating for f in fbs}
+        ratings = set()
         if fbs:
             feedback[i] = fbs
-            commented = commented or any(f.comment for f in fbs)
+            for f in fbs:  # a loop, not comprehensions: most messages have one signal or none
+                ratings.add(f.rating)
+                commented = commented or bool(f.comment)
             if "up" in ratings and "down" in ratings:
                 conflicted.add(i)
         elif m.corrects is None and m.id not in corrected:
