@@ -398,6 +398,12 @@ def rows_per_item(s: Settings) -> int:
     return 1 if s.packing else PREFERENCE_ROWS[s.stage]
 
 
+def smallest_batch(stage: str, packing: bool) -> int:
+    """The smallest batch_size worth proposing: 2 rows for packed pairs (a pair's chosen and
+    rejected rarely fit one row together), else 1."""
+    return 2 if (packing and PREFERENCE_ROWS[stage] == 2) else 1
+
+
 def estimate(shape: ModelShape, settings: Settings, budget: Budget) -> Plan:
     """Every part of the peak for one stage on one device (pure)."""
     s = settings
@@ -528,9 +534,7 @@ def plan_recipe(recipe, stage: str, budget: Budget, config: dict | None = None, 
     context = config.get("max_position_embeddings")
     seq_lens = given("max_seq_len", tuple(n for n in AUTO_SEQ_LENS if not context or n <= context) or (256,))
     checkpoints = given("grad_checkpoint", (False, True))
-    # Packed pairs need 2 rows: a pair's chosen and rejected rarely fit one row together.
-    smallest_batch = 2 if (getattr(cfg, "packing", False) and PREFERENCE_ROWS[stage] == 2) else 1
-    batches = given("batch_size", tuple(b for b in AUTO_BATCH_SIZES if b >= smallest_batch))
+    batches = given("batch_size", tuple(b for b in AUTO_BATCH_SIZES if b >= smallest_batch(stage, cfg.packing)))
     autos = [k for k in ("batch_size", "max_seq_len", "grad_checkpoint") if getattr(cfg, k) == "auto"]
 
     candidates = [estimate(shape, section_settings(recipe, stage, batch, seq, ckpt, shape), budget)
@@ -577,10 +581,9 @@ def advice(stage: str, plan: Plan) -> list[str]:
     if layers > 1:
         fewer = max(1, layers // 4)
         options.append((f"fewer LoRA layers: {stage}.lora.layers: {fewer}", dataclasses.replace(s, lora_layers=fewer)))
-    smallest_batch = 2 if (s.packing and PREFERENCE_ROWS[s.stage] == 2) else 1  # as in `resolve_auto`'s ladder
-    if s.batch_size > smallest_batch:
-        options.append((f"smaller batch: {stage}.batch_size: {smallest_batch}",
-                        dataclasses.replace(s, batch_size=smallest_batch)))
+    smallest = smallest_batch(s.stage, s.packing)
+    if s.batch_size > smallest:
+        options.append((f"smaller batch: {stage}.batch_size: {smallest}", dataclasses.replace(s, batch_size=smallest)))
     if not s.grad_checkpoint:
         options.append((f"{stage}.grad_checkpoint: true", dataclasses.replace(s, grad_checkpoint=True)))
     lines = []

@@ -542,12 +542,13 @@ def run_preference(recipe, stage: str, resume: bool = False, force: bool = False
         seqs = [i * k + j for i in spec.items for j in range(k)]
         batch = collate([[examples[i * k + j] for i, j in row] for row in spec.rows], pad_multiple,
                         cfg.max_seq_len)
+        if cfg.packing and backend.static_packed_rows:
+            batch = pad_rows(batch, cfg.batch_size)
+        mb = backend.micro_batch(batch, cfg.packing)
         layout = ()
-        if cfg.packing:
-            if backend.static_packed_rows:
-                batch = pad_rows(batch, cfg.batch_size)
-            layout = (backend.packed_layout(batch.segment_ids), backend.array(sequence_members(spec, k, batch)))
-        mb = backend.micro_batch(batch)
+        if cfg.packing:  # the backend's layout where it made one (a batch of rows that share examples)
+            layout = (*(mb.arrays[4:5] or (backend.packed_layout(batch.segment_ids),)),
+                      backend.array(sequence_members(spec, k, batch)))
         extra = () if ref is None else (backend.array(ref[split][seqs]),)
         if stage == "kto":
             extra += (backend.array(data.labels[split][spec.items]),)

@@ -66,7 +66,8 @@ class Backend(Protocol):
 
     def micro_batch(self, batch, packing: bool = False):
         """`sft_data.Batch` -> `trainer.MicroBatch` whose arrays `target_logprobs` takes
-        (`packing`: the recipe packs SFT rows; every batch then carries the packed layout)."""
+        (`packing`: the recipe packs rows; a backend with static packed rows then lays every batch
+        out as packed, even one whose rows hold one example each)."""
 
     reference_batch_factor: int  # the reference pass scores this many training batches' positions per call
 
