@@ -21,8 +21,13 @@ Throughput counts real (non-padding) tokens / pairs only.
   nothing now). Part-name suffixes give variants of the same run: `_ckpt` sets
   `grad_checkpoint: true` (less memory, one more forward), `_nocg` turns CUDA graphs off (torch.compile
   mode default), `_keepall` sets the activation budget to 1 (no recompute), `_nopack` trains DPO on
-  batches of 8 similar-length pairs, one sequence per row (dynamic shapes, no CUDA graphs), and
-  `_buckets` pads those rows to multiples of 256 positions (static shapes, CUDA graphs; an experiment).
+  batches of 8 similar-length pairs, one sequence per row (dynamic shapes, no CUDA graphs),
+  `_buckets` pads those rows to multiples of 256 positions (static shapes, CUDA graphs; an experiment),
+  `_fusedhead` computes the output head's softmax as one compiled expression
+  (EDGETUNE_TORCH_FUSED_HEAD=1; an experiment), and `_accum2` takes each step in two micro-batches
+  of half the rows (`grad_accumulation: 2`) with CUDA graphs forced on (`_accum2_nocg`: off, the
+  default with accumulation until tests/test_backends.py's CUDA accumulation test has passed on a
+  GPU). Each variant's closing line compares it with the default part of its kind.
 - Each edgetune part also reports what explains its speed: every micro-batch's [B, T], torch.compile's
   counters, its first losses (variants must agree) and a torch.profiler table of 3 more steps run
   after the timed ones.
@@ -167,6 +172,8 @@ def edgetune_recipe(kind: str, args, work: Path, steps: int, tag: str, checkpoin
     section["packing"] = kind == "sft" or "_nopack" not in args.part
     if checkpointing:
         section["grad_checkpoint"] = True
+    if "_accum2" in args.part:  # the same positions per step, in two micro-batches
+        section["batch_size"], section["grad_accumulation"] = args.batch // 2, 2
     recipe = {"model": str(args.model), "backend": "torch", "output": str(work / f"edgetune-{kind}-{tag}"),
               "data": {"train": [str(work / f"{kind}-edgetune-{tag}.jsonl")]}, kind: section}
     path = work / f"edgetune-{kind}-{tag}.yaml"
@@ -335,7 +342,9 @@ def main() -> None:
                     help="edgetune parts: _ckpt for grad_checkpoint: true, _nocg for no CUDA graphs (compile mode "
                          "default), _keepall for activation budget 1 (no recompute), _nopack for DPO on "
                          "plain rows (8 pairs per step), _buckets for EDGETUNE_TORCH_PLAIN_BUCKETS=1 (with "
-                         "_nopack: plain rows in static length buckets, CUDA graphs)")
+                         "_nopack: plain rows in static length buckets, CUDA graphs), _fusedhead for "
+                         "EDGETUNE_TORCH_FUSED_HEAD=1 (the head's softmax compiled), _accum2 for 2 micro-batches a "
+                         "step with CUDA graphs")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--out", type=Path)
@@ -395,6 +404,10 @@ def main() -> None:
             env["EDGETUNE_TORCH_PLAIN_BUCKETS"] = "1"
         if "_keepall" in part:  # the compiler keeps every activation (no recompute)
             env["EDGETUNE_TORCH_ACTIVATION_BUDGET"] = "1"
+        if "_fusedhead" in part:  # the head's softmax as one compiled expression
+            env["EDGETUNE_TORCH_FUSED_HEAD"] = "1"
+        if "_accum2" in part and "_nocg" not in part:  # CUDA graphs, which accumulation turns off by default
+            env["EDGETUNE_TORCH_COMPILE_MODE"] = "reduce-overhead"
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -419,8 +432,8 @@ def main() -> None:
     report["sft_ckpt_tok_s_ratio"] = ratio("edgetune_sft_ckpt", "trl_sft", "tok_s")
     report["sft_ckpt_peak_ratio"] = ratio("edgetune_sft_ckpt", "trl_sft", "peak_gib")
     if report.get("bf16_matmul_tflops"):
-        for part in ("edgetune_sft", "edgetune_sft_ckpt", "trl_sft"):
-            if "tok_s" in results.get(part, {}):
+        for part in results:
+            if "_sft" in part and "tok_s" in results[part]:
                 results[part]["mfu"] = results[part]["tok_s"] * report["flops_per_token"] / (
                     report["bf16_matmul_tflops"] * 1e12)
     print("FINAL " + json.dumps({k: v for k, v in report.items() if k != "results"}), flush=True)
@@ -433,6 +446,13 @@ def main() -> None:
     if report["dpo_pairs_s_ratio"]:
         print(f"DPO: edgetune / TRL = {report['dpo_pairs_s_ratio']:.2f}x pairs/s at {report['dpo_peak_ratio']:.2f}x "
               f"peak memory (goal >= 2x)")
+    for part in results:  # each variant against the default run of its kind
+        base = "edgetune_sft" if "_sft" in part else "edgetune_dpo"
+        key = "tok_s" if "_sft" in part else "pairs_s"
+        if part.startswith("edgetune_") and part != base and ratio(part, base, key):
+            mfu = results[part].get("mfu")
+            print(f"{part} / {base}: {ratio(part, base, key):.3f}x {key}, {ratio(part, base, 'peak_gib'):.2f}x peak "
+                  f"memory" + (f", MFU {mfu:.1%}" if mfu else ""))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -98,6 +98,35 @@ def test_chunked_head_values_and_gradient_equal_plain_autograd():
     assert torch.allclose(fused, h.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_head_chunk_gives_the_eager_head_values_and_gradient(compiled):
+    """EDGETUNE_TORCH_FUSED_HEAD's `softmax_minus_onehot` is the eager chunk loop's math as one
+    expression: same log-probs and d log p / d h, also compiled (here by inductor on the CPU), over
+    chunks of two lengths (a full one and the partial last one, which recompiles)."""
+    import edgetune.backends.torch_backend as tb
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g)
+    y = torch.randint(0, 50, (37,), generator=g)
+    up = torch.randn(37, generator=g)
+    fused = torch.compile(tb.softmax_minus_onehot) if compiled else tb.softmax_minus_onehot
+    chunk = tb.HEAD_CHUNK
+    tb.HEAD_CHUNK = 16
+    try:
+        results = []
+        for chunk_grad in (None, fused):
+            h.grad = None
+            out = target_logprobs_head(h, w, y, chunk_grad)
+            (out * up).sum().backward()
+            results.append((out.detach(), h.grad.clone()))
+    finally:
+        tb.HEAD_CHUNK = chunk
+    (eager_out, eager_grad), (fused_out, fused_grad) = results
+    assert torch.allclose(fused_out, eager_out, atol=1e-5)
+    assert torch.allclose(fused_grad, eager_grad, atol=1e-5)
+
+
 def test_positions_restart_for_each_packed_example():
     seg = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
     assert positions_from_segments(seg).tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6]]
@@ -206,6 +235,38 @@ def test_same_batch_and_lora_give_the_same_sft_loss_and_gradients(tmp_path, tiny
     for k in m_g:
         np.testing.assert_allclose(t_g[k], m_g[k], atol=1e-4, err_msg=k)
     assert any(np.abs(g).max() > 1e-4 for k, g in m_g.items() if k.endswith("lora_a"))
+
+
+def _accumulated_lora_grads(tiny_model_dir, micro_batches: int, packing: bool = False) -> tuple:
+    """Loss, tokens and LoRA gradients of one step over 4 examples in `micro_batches` micro-batches."""
+    from edgetune.sft import make_sft_loss_fn
+
+    b = get_backend("torch")
+    loaded = b.load(recipe_for(tiny_model_dir, "torch"), echo=lambda m: None)
+    b.attach_lora(loaded.model, LoraSpec(rank=4, alpha=8.0), seed=0)
+    with torch.no_grad():  # non-zero B, so that gradients reach A too
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    exs = examples(97, 4)
+    per = len(exs) // micro_batches
+    batches = [b.micro_batch(collate([[e] for e in exs[i:i + per]]), packing=packing)
+               for i in range(0, len(exs), per)]
+    step = b.make_grad_step(loaded.model, make_sft_loss_fn(b), compile=False)
+    for _ in range(2):  # the second step replays what the first recorded (CUDA graphs)
+        loss, ntoks, params = b.accumulate(step, batches, None, None)
+    return loss, ntoks, [p.grad.float().clone() for p in params]
+
+
+def test_torch_accumulation_sums_the_micro_batches_gradients(tiny_model_dir):
+    """Batch 4 x accumulation 1 == batch 1 x accumulation 4 on the torch backend, whose micro-batches'
+    gradients are summed in buffers of their own (see `TorchBackend.accumulate`)."""
+    loss_a, n_a, grads_a = _accumulated_lora_grads(tiny_model_dir, 1)
+    loss_b, n_b, grads_b = _accumulated_lora_grads(tiny_model_dir, 4)
+    assert n_a == n_b > 0 and math.isclose(loss_a, loss_b, rel_tol=1e-5)
+    assert any(g.abs().max() > 0 for g in grads_a)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
 def test_same_pairs_give_the_same_dpo_loss_and_gradients(tmp_path, tiny_model_dir):
@@ -370,7 +431,7 @@ def test_cuda_graphs_only_for_one_static_shape_on_cuda_in_the_measured_setting()
                    {"cuda": False},  # a CPU
                    {"attn": "flash_attention_2"},  # varlen: cu_seqlens change length with each batch
                    {"checkpointing": True}, {"dropout": 0.1},  # not measured with graphs
-                   {"accumulates": True}):  # a second backward adds into gradients in the graph pool
+                   {"accumulates": True}):  # summed outside the graph pool, but not yet run on a GPU
         assert compile_mode(**{**measured, **change}) == "default", change
     assert compile_mode(**{**measured, "static": False, "override": "max-autotune"}) == "max-autotune"
 
@@ -400,6 +461,26 @@ def test_compiled_blocks_are_compiled_once_per_model_on_the_first_forward(tmp_pa
     np.testing.assert_allclose(compiled.detach().numpy(), eager.numpy(), atol=1e-4)
 
 
+def test_fused_head_setting_gives_the_same_logprobs_and_lora_gradients(tiny_model_dir, monkeypatch):
+    """EDGETUNE_TORCH_FUSED_HEAD=1 reaches the head of a training forward (here uncompiled, on a CPU)."""
+    results = []
+    for fused in ("0", "1"):
+        monkeypatch.setenv("EDGETUNE_TORCH_FUSED_HEAD", fused)
+        b = get_backend("torch")
+        assert (b.head_chunk_grad is not None) == (fused == "1")
+        loaded = b.load(recipe_for(tiny_model_dir, "torch"), echo=lambda m: None)
+        b.attach_lora(loaded.model, LoraSpec(rank=4, alpha=8.0), seed=0)
+        mb = b.micro_batch(collate([[r] for r in examples(97, 3)]), packing=True)
+        out = b.target_logprobs(loaded.model, *mb.arrays[:3], *mb.arrays[4:])
+        out.sum().backward()
+        grads = [p.grad.clone() for p in loaded.model.parameters() if p.requires_grad]
+        results.append((out.detach(), grads))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert len(fused_grads) == len(plain_grads) and all(torch.allclose(a, b, atol=1e-5)
+                                                         for a, b in zip(fused_grads, plain_grads))
+
+
 def test_plain_row_buckets_give_static_shapes_compiled_once_each(tmp_path, tiny_model_dir, monkeypatch):
     """EDGETUNE_TORCH_PLAIN_BUCKETS: plain rows round up to multiples of 256 positions and the blocks
     compile one static graph per bucket (here on a CPU: no CUDA graphs), with unchanged log-probs."""
@@ -424,7 +505,8 @@ def test_plain_row_buckets_give_static_shapes_compiled_once_each(tmp_path, tiny_
 @pytest.mark.parametrize("name,value", [("EDGETUNE_TORCH_COMPILE", "yes"), ("EDGETUNE_TORCH_COMPILE_MODE", "fast"),
                                         ("EDGETUNE_TORCH_ACTIVATION_BUDGET", "half"),
                                         ("EDGETUNE_TORCH_ACTIVATION_BUDGET", "1.5"),
-                                        ("EDGETUNE_TORCH_PLAIN_BUCKETS", "on"), ("EDGETUNE_TORCH_DEVICE", "gpu")])
+                                        ("EDGETUNE_TORCH_PLAIN_BUCKETS", "on"), ("EDGETUNE_TORCH_DEVICE", "gpu"),
+                                        ("EDGETUNE_TORCH_FUSED_HEAD", "yes")])
 def test_a_bad_torch_backend_setting_is_named_not_a_traceback(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=f"{name}='{value}': expected"):
@@ -511,3 +593,41 @@ def test_sft_on_cuda_in_bf16_with_compile_learns(tmp_path, tiny_model_dir):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["environment"]["dtype"] == "bfloat16" and manifest["environment"]["compiled"]
     assert summary["final_loss"] < summary["first_loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_head_on_cuda_in_bf16_gives_the_eager_head():
+    """The compiled `softmax_minus_onehot` (Triton kernels) against the eager chunk loop, bf16 as
+    in training, at a vocab whose rows span many blocks."""
+    import edgetune.backends.torch_backend as tb
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(1500, 64, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(30000, 64, generator=g, device="cuda", dtype=torch.bfloat16) * 0.1
+    y = torch.randint(0, 30000, (1500,), generator=g, device="cuda")
+    results = []
+    for chunk_grad in (None, torch.compile(tb.softmax_minus_onehot)):
+        h.grad = None
+        out = target_logprobs_head(h, w, y, chunk_grad)
+        out.sum().backward()
+        results.append((out.detach().float(), h.grad.float()))
+    (eager_out, eager_grad), (fused_out, fused_grad) = results
+    assert torch.allclose(fused_out, eager_out, atol=1e-3)
+    assert torch.allclose(fused_grad, eager_grad, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_accumulation_under_cuda_graphs_gives_the_eager_gradients(tiny_model_dir, monkeypatch):
+    """Two micro-batches a step with CUDA graphs forced on (reduce-overhead): each backward's gradients
+    are taken out of the graphs' pool before the next replay (pytorch#169545), so they must sum to
+    what eager gives. `compile_mode` keeps graphs off with accumulation until this has run on a GPU."""
+    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "0")
+    loss_a, n_a, grads_a = _accumulated_lora_grads(tiny_model_dir, 2, packing=True)
+    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "1")
+    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE_MODE", "reduce-overhead")
+    loss_b, n_b, grads_b = _accumulated_lora_grads(tiny_model_dir, 2, packing=True)
+    assert n_a == n_b > 0 and math.isclose(loss_a, loss_b, rel_tol=2e-2)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, atol=2e-2, rtol=5e-2)

@@ -63,15 +63,20 @@ class _TargetLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets):
+    def forward(ctx, h, weight, targets, chunk_grad=None):
         n = h.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         need_grad = ctx.needs_input_grad[0]
         jac = torch.empty_like(h) if need_grad else None
         for s in range(0, n, HEAD_CHUNK):
             e = min(s + HEAD_CHUNK, n)
-            logits = (h[s:e] @ weight.t()).float()
             t = targets[s:e].long()
+            if need_grad and chunk_grad is not None:  # the same math, as one compiled expression
+                out[s:e], probs = chunk_grad(h[s:e] @ weight.t(), t)
+                jac[s:e] = -(probs @ weight)
+                del probs
+                continue
+            logits = (h[s:e] @ weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             out[s:e] = logits.gather(1, t[:, None])[:, 0] - lse
             if need_grad:
@@ -87,14 +92,36 @@ class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (jac,) = ctx.saved_tensors
-        return grad[:, None].to(jac.dtype) * jac, None, None
+        return grad[:, None].to(jac.dtype) * jac, None, None, None
 
 
-def target_logprobs_head(h, weight, targets):
-    """log p(targets) [S] for hidden states h [S, D] under the (frozen) output head `weight` [V, D]."""
+def target_logprobs_head(h, weight, targets, chunk_grad=None):
+    """log p(targets) [S] for hidden states h [S, D] under the (frozen) output head `weight` [V, D].
+
+    `chunk_grad`: `softmax_minus_onehot`, compiled, to use in place of the eager passes when
+    gradients are needed (EDGETUNE_TORCH_FUSED_HEAD); None: the eager passes."""
     if weight.requires_grad:
         raise ValueError("target_logprobs_head: the output head must be frozen")
-    return _TargetLogprobs.apply(h, weight, targets)
+    return _TargetLogprobs.apply(h, weight, targets, chunk_grad)
+
+
+def softmax_minus_onehot(logits, targets):
+    """`(log p(target) [C] float32, softmax - onehot(target) [C, V] in the logits' dtype)` for one
+    chunk of head logits [C, V]: what `_TargetLogprobs` computes in place, in the same float32
+    math, written as one expression for torch.compile.
+
+    Eager, a chunk's float32 logits make about ten passes over [C, V] (the cast, logsumexp's
+    max, subtract, exp and sum, the in-place softmax, the cast back): ~50 bytes moved per logit.
+    Compiled, they become reductions and one pointwise kernel over the bf16 logits (~8 bytes),
+    where the head was ~13 ms of a ~73 ms step on an H200 (qwen2.5-0.5b's 151,936-token vocab).
+    Measured by scripts/bench_gpu.py's `_fusedhead` parts; off until it is.
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    logp = x.gather(1, targets[:, None]) - lse
+    columns = torch.arange(x.shape[-1], device=x.device)
+    probs = torch.exp(x - lse) - (columns == targets[:, None]).to(x.dtype)
+    return logp[:, 0], probs.to(logits.dtype)
 
 
 def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
@@ -122,8 +149,9 @@ def compile_mode(static: bool, cuda: bool, attn: str, checkpointing: bool, dropo
     wins. Outside the measured setting graphs are known to break or not pay:
     - FlashAttention-2's varlen path finds example starts with nonzero(): a graph break, and
       cu_seqlens change length with every batch (graphs recorded again and again);
-    - with more than one micro-batch per step, the second backward adds into gradients that the
-      first left in the graphs' memory pool, which the next replay reclaims (pytorch#169545);
+    - with more than one micro-batch per step, a backward's gradients live in the graphs' memory
+      pool, which the next replay reclaims (pytorch#169545): `accumulate` now sums them outside
+      it, but that has not run on a GPU yet (tests/test_backends.py's CUDA accumulation test);
     - grad checkpointing and LoRA dropout were not measured with graphs."""
     if override:
         return override
@@ -242,6 +270,12 @@ class TorchBackend:
         # CUDA, given CUDA graphs as packed rows are. It trades padding for launch overhead.
         buckets = _env_choice("EDGETUNE_TORCH_PLAIN_BUCKETS", "0", ("0", "1")) == "1"
         self.plain_buckets = self.compile and buckets
+        # An experiment, off by default (EDGETUNE_TORCH_FUSED_HEAD=1; bench_gpu.py's `_fusedhead`
+        # parts): the head's softmax as one compiled expression (`softmax_minus_onehot`). Its
+        # first compile is a few seconds, and one more when the chunk's length first changes.
+        fused = _env_choice("EDGETUNE_TORCH_FUSED_HEAD", "0", ("0", "1")) == "1"
+        self.head_chunk_grad = (torch.compile(softmax_minus_onehot) if self.compile else softmax_minus_onehot
+                                ) if fused else None
         if self.plain_buckets:
             self.pad_multiple = PLAIN_BUCKET
         # Compiled blocks of packed rows keep at most this share of the activations a plain
@@ -477,7 +511,7 @@ class TorchBackend:
             h = base.model(input_ids=tokens, position_ids=position_ids, attention_mask=mask,
                            use_cache=False).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, select)
-        return target_logprobs_head(h, base.get_output_embeddings().weight, targets)
+        return target_logprobs_head(h, base.get_output_embeddings().weight, targets, self.head_chunk_grad)
 
     def _activation_budget(self, static: bool):
         """The partitioner's activation budget while a forward compiles (it is read then): the
@@ -546,14 +580,20 @@ class TorchBackend:
         return grad_step
 
     def accumulate(self, grad_step, batches, seeds, aux_sum):
-        """Gradients accumulate in `.grad` (zeroed first); sums stay on the device until the end,
-        so a step synchronises once, not once per micro-batch."""
+        """Gradients end in `.grad` (zeroed first); sums stay on the device until the end,
+        so a step synchronises once, not once per micro-batch.
+
+        With several micro-batches, each one's gradients are added into buffers of their own and
+        `.grad` is cleared before the next forward: under CUDA graphs a backward's gradients live
+        in the graphs' memory pool, which the next replay reuses (pytorch#169545), so adding the
+        next backward into them in place would read overwritten memory. Elsewhere it is the same
+        sum, in the same order."""
         params = grad_step.params
         for p in params:
             p.grad = None
         if len(batches) > 1:
             grad_step.model._edgetune_accumulates = True  # read by `compile_mode` on the first forward
-        loss_sum, ntoks_sum, sums = 0.0, 0.0, {}
+        loss_sum, ntoks_sum, sums, grads = 0.0, 0.0, {}, None
         for i, batch in enumerate(batches):
             if seeds is not None:
                 torch.manual_seed(seeds[i])  # dropout draws are a function of (seed, cursor)
@@ -561,6 +601,17 @@ class TorchBackend:
             loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
             for k, v in aux.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if len(batches) > 1:
+                these = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                if grads is None:
+                    grads = [g.clone() for g in these]
+                else:
+                    torch._foreach_add_(grads, these)
+                for p in params:
+                    p.grad = None
+        if grads is not None:
+            for p, g in zip(params, grads):
+                p.grad = g
         if aux_sum is not None:
             aux_sum.update({k: aux_sum.get(k, 0.0) + float(v) for k, v in sums.items()})
         return float(loss_sum), float(ntoks_sum), params
