@@ -179,8 +179,13 @@ def test_worker_processes_and_chunks_give_the_same_outputs_as_one_process(tmp_pa
     build([log], tmp_path / "one", options, jobs=1)
     monkeypatch.setattr(build_module, "CHUNK_BYTES", 500)  # dozens of chunks, cut mid-line
     assert len(build_module.plan_chunks([log], "v1", 2)) == 8
-    report = build([log], tmp_path / "two", options, jobs=2)
+    messages = []
+    report = build([log], tmp_path / "two", options, jobs=2, progress=messages.append)
     assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")
+    # each chunk taken in is told, in order, with the records read so far
+    told = [m for m in messages if m.startswith("  read ")]
+    assert [m.split()[1] for m in told] == [f"{k}/8" for k in range(1, 9)]
+    assert f"{report['records']['read']:,} records" in told[-1]
     # line numbers of problems are absolute across chunk boundaries
     offset = len((SIGNALS.read_text() + ASSET.read_text()).splitlines())
     assert report["invalid_examples"][0] == f"{log}:{offset + 2}: not valid JSON (Expecting value at column 1)"

@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+import time
 from array import array
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -173,14 +174,17 @@ class Scan:
     counts: Counter = field(default_factory=Counter)
 
 
-def _combine(paths: list[Path], chunks: list[Chunk], results: Iterable[ChunkResult]) -> Scan:
+def _combine(paths: list[Path], chunks: list[Chunk], results: Iterable[ChunkResult],
+             taken: Callable[[Chunk, ChunkResult], None] = lambda chunk, res: None) -> Scan:
     """Merge the chunks' findings in log order: absolute line numbers, latest versions.
 
     `results` may be an iterator that the workers are still filling: each chunk is taken in while
-    the later ones are being read, rather than all of them once the last is done."""
+    the later ones are being read, rather than all of them once the last is done (and `taken` is
+    told, for progress)."""
     scan = Scan(paths, chunks)
     lines_before: Counter = Counter()  # file index -> lines in its earlier chunks
     for chunk, res in zip(chunks, results):
+        taken(chunk, res)
         offset = lines_before[chunk.file_index]
         lines_before[chunk.file_index] += res.lines
         scan.counts += res.counts
@@ -238,7 +242,8 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
         # parse (hashlib releases the GIL), not after them.
         input_hashes = background.submit(_sha256_files, paths)
         progress(f"reading {len(paths)} file(s) in {len(chunks)} chunk(s) with {min(jobs, len(chunks))} worker(s)")
-        scan = _combine(paths, chunks, _run(stage_chunk, [(c, options, staging) for c in chunks], pool))
+        scan = _combine(paths, chunks, _run(stage_chunk, [(c, options, staging) for c in chunks], pool),
+                        _reading_progress(chunks, progress) if len(chunks) > 1 else lambda chunk, res: None)
         if scan.problems and not options.skip_invalid:
             raise InputError(scan.problems)
 
@@ -265,6 +270,26 @@ def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptio
             report = _report(scan, options, merged, unused, orphans, input_hashes.result())
             write_json(folder / "report.json", report)
     return report
+
+
+def _reading_progress(chunks: list[Chunk], progress: Callable[[str], None]) -> Callable[[Chunk, ChunkResult], None]:
+    """What `_combine` tells as each chunk is taken in: chunks and bytes read, records/s, time left
+    (the bytes of the log are the measure of work: chunks are byte ranges, or whole files)."""
+    sizes = [c.end - c.start if c.reader == "lines" else _size(Path(c.path)) for c in chunks]
+    total, start = sum(sizes) or 1, time.perf_counter()
+    done = {"chunks": 0, "bytes": 0, "records": 0}
+
+    def taken(chunk: Chunk, res: ChunkResult) -> None:
+        done["chunks"] += 1
+        done["bytes"] += sizes[chunk.index]
+        done["records"] += res.counts["records"]
+        seconds = time.perf_counter() - start
+        left = seconds * (total - done["bytes"]) / max(done["bytes"], 1)
+        progress(f"  read {done['chunks']}/{len(chunks)} chunks ({done['bytes'] / 2**20:,.0f} of "
+                 f"{total / 2**20:,.0f} MiB): {done['records']:,} records, {done['records'] / seconds:,.0f}/s"
+                 + (f", about {left:.0f} s left to read" if left >= 1 else ""))
+
+    return taken
 
 
 def _plan_restaging(scan: Scan) -> tuple[dict[int, list], list]:
