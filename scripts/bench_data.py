@@ -197,12 +197,20 @@ def main() -> None:
                "--out", str(out), "--force"] + (["--jobs", str(args.jobs)] if args.jobs else [])
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # The build's progress lines (stderr) are timed as they come: they mark its phases.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stderr, marks = [], []
+        for line in proc.stderr:
+            stderr.append(line)
+            if not line.startswith(" "):
+                marks.append((time.perf_counter() - t0, line.split()[0]))
+        stdout = proc.stdout.read()
+        proc.wait()
         seconds = time.perf_counter() - t0
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode:
-            sys.exit(f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        print(proc.stdout)
+            sys.exit(f"build failed ({proc.returncode}):\n{''.join(stderr)[-4000:]}")
+        print(stdout)
         user, system = usage.ru_utime - before.ru_utime, usage.ru_stime - before.ru_stime
         cpu = user + system
         peak = usage.ru_maxrss / 1024  # KiB on Linux: the largest RSS of the build or one of its workers
@@ -221,6 +229,9 @@ def main() -> None:
         print(f"CPU per event: {cpu / args.events * 1e6:.0f} us: at most {args.events / cpu * cpus:,.0f} events/s "
               f"on {cpus} otherwise idle CPUs; load average now: "
               f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        ends = [t for t, _ in marks[1:]] + [seconds]
+        print("phases (wall): start-up {:.1f} s, ".format(marks[0][0] if marks else 0.0)
+              + ", ".join(f"{name} {end - t:.1f} s" for (t, name), end in zip(marks, ends)))
         print("for scale, decoding alone on one core: " + ", ".join(f"{name} {rate:,.0f} events/s"
                                                                     for name, rate in floor.items()))
         ok = args.events / seconds >= 50_000 and peak < 1024
