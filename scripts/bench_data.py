@@ -202,7 +202,7 @@ def main() -> None:
         stderr, marks = [], []
         for line in proc.stderr:
             stderr.append(line)
-            if not line.startswith(" "):
+            if line.strip() and not line.startswith(" "):  # a phase starts (indented lines are its progress)
                 marks.append((time.perf_counter() - t0, line.split()[0]))
         stdout = proc.stdout.read()
         proc.wait()

@@ -71,20 +71,20 @@ class _TargetLogprobs(torch.autograd.Function):
         for s in range(0, n, HEAD_CHUNK):
             e = min(s + HEAD_CHUNK, n)
             t = targets[s:e].long()
+            probs = None  # softmax - onehot(target), in the head's dtype, when gradients are needed
             if need_grad and chunk_grad is not None:  # the same math, as one compiled expression
                 out[s:e], probs = chunk_grad(h[s:e] @ weight.t(), t)
-                jac[s:e] = -(probs @ weight)
-                del probs
-                continue
-            logits = (h[s:e] @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            out[s:e] = logits.gather(1, t[:, None])[:, 0] - lse
+            else:
+                logits = (h[s:e] @ weight.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                out[s:e] = logits.gather(1, t[:, None])[:, 0] - lse
+                if need_grad:  # the softmax in place of the logits, then - 1 at the target
+                    probs = logits.sub_(lse[:, None]).exp_().scatter_add_(
+                        1, t[:, None], torch.full_like(lse[:, None], -1.0)).to(weight.dtype)
+                del logits
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
-                jac[s:e] = -(probs.to(weight.dtype) @ weight)
-                del probs
-            del logits
+                jac[s:e] = -(probs @ weight)
+            del probs
         if need_grad:
             ctx.save_for_backward(jac)
         return out
