@@ -23,8 +23,8 @@ Throughput counts real (non-padding) tokens / pairs only.
   mode default), `_keepall` sets the activation budget to 1 (no recompute), `_nopack` trains DPO on
   batches of 8 similar-length pairs, one sequence per row (dynamic shapes, no CUDA graphs),
   `_buckets` pads those rows to multiples of 256 positions (static shapes, CUDA graphs; an experiment),
-  `_fusedhead` computes the output head's softmax as one compiled expression
-  (EDGETUNE_TORCH_FUSED_HEAD=1; an experiment), and `_accum2` takes each step in two micro-batches
+  `_eagerhead` computes the output head's softmax in eager float32 passes instead of the
+  default compiled expression (EDGETUNE_TORCH_FUSED_HEAD=0), and `_accum2` takes each step in two micro-batches
   of half the rows (`grad_accumulation: 2`) with CUDA graphs forced on (`_accum2_nocg`: off, the
   default with accumulation until tests/test_backends.py's CUDA accumulation test has passed on a
   GPU). Each variant's closing line compares it with the default part of its kind.
@@ -342,8 +342,8 @@ def main() -> None:
                     help="edgetune parts: _ckpt for grad_checkpoint: true, _nocg for no CUDA graphs (compile mode "
                          "default), _keepall for activation budget 1 (no recompute), _nopack for DPO on "
                          "plain rows (8 pairs per step), _buckets for EDGETUNE_TORCH_PLAIN_BUCKETS=1 (with "
-                         "_nopack: plain rows in static length buckets, CUDA graphs), _fusedhead for "
-                         "EDGETUNE_TORCH_FUSED_HEAD=1 (the head's softmax compiled), _accum2 for 2 micro-batches a "
+                         "_nopack: plain rows in static length buckets, CUDA graphs), _eagerhead for "
+                         "EDGETUNE_TORCH_FUSED_HEAD=0 (the head's softmax in eager passes), _accum2 for 2 micro-batches a "
                          "step with CUDA graphs")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--model", type=Path)
@@ -404,8 +404,8 @@ def main() -> None:
             env["EDGETUNE_TORCH_PLAIN_BUCKETS"] = "1"
         if "_keepall" in part:  # the compiler keeps every activation (no recompute)
             env["EDGETUNE_TORCH_ACTIVATION_BUDGET"] = "1"
-        if "_fusedhead" in part:  # the head's softmax as one compiled expression
-            env["EDGETUNE_TORCH_FUSED_HEAD"] = "1"
+        if "_eagerhead" in part:  # the head's softmax in eager float32 passes, not compiled
+            env["EDGETUNE_TORCH_FUSED_HEAD"] = "0"
         if "_accum2" in part and "_nocg" not in part:  # CUDA graphs, which accumulation turns off by default
             env["EDGETUNE_TORCH_COMPILE_MODE"] = "reduce-overhead"
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)

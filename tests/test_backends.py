@@ -269,6 +269,51 @@ def test_torch_accumulation_sums_the_micro_batches_gradients(tiny_model_dir):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3, 1e6])
+def test_torch_update_normalises_then_clips_with_the_norm_read_with_the_loss(tiny_model_dir, max_grad_norm):
+    """`accumulate` reads the gradients' global norm in the same transfer as the loss (one device
+    sync a step); `grad_norm` returns it and `update` scales by 1/n and mlx's clip factor
+    min(max / (norm / n + 1e-6), 1) in one multiply. Same weights as normalising, measuring the
+    normalised norm and clipping in separate passes (the clip active at 1e-3, idle at 1e6)."""
+    from edgetune.recipe import SftConfig
+    from edgetune.sft import make_sft_loss_fn
+
+    b = get_backend("torch")
+    loaded = b.load(recipe_for(tiny_model_dir, "torch"), echo=lambda m: None)
+    b.attach_lora(loaded.model, LoraSpec(rank=4, alpha=8.0), seed=0)
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    mb = b.micro_batch(collate([[e] for e in examples(97, 4)]))
+    step = b.make_grad_step(loaded.model, make_sft_loss_fn(b), compile=False)
+    loss, ntoks, params = b.accumulate(step, [mb], None, None)
+    grads = [p.grad.clone() for p in params]
+    fresh = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert ntoks > 0 and math.isclose(b.grad_norm(params), fresh, rel_tol=1e-5)
+    # The reference update: normalise, measure, clip, then the same AdamW step.
+    normalised = [g / ntoks for g in grads]
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in normalised])))
+    factor = min(max_grad_norm / (norm + 1e-6), 1.0) if max_grad_norm else 1.0
+    assert (factor < 1.0) == (max_grad_norm == 1e-3)
+    before = [p.detach().clone() for p in params]
+    cfg = SftConfig(learning_rate=1e-2)
+    reference_opt = b.make_optimizer(loaded.model, cfg, steps=10)
+    for p, g in zip(params, normalised):
+        p.grad = g * factor
+    reference_opt.step()
+    expected = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, before):
+            p.copy_(w)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    b.make_update(loaded.model, b.make_optimizer(loaded.model, cfg, steps=10), max_grad_norm, False)(params, ntoks)
+    assert any(not torch.equal(e, w) for e, w in zip(expected, before))
+    for got, want in zip(params, expected):
+        torch.testing.assert_close(got.detach(), want, atol=1e-6, rtol=1e-5)
+
+
 def test_same_pairs_give_the_same_dpo_loss_and_gradients(tmp_path, tiny_model_dir):
     from mlx.utils import tree_flatten
 
@@ -459,6 +504,20 @@ def test_compiled_blocks_are_compiled_once_per_model_on_the_first_forward(tmp_pa
     b.target_logprobs(loaded.model, *mb.arrays[:3], *mb.arrays[4:])
     assert calls == [True]  # once per model
     np.testing.assert_allclose(compiled.detach().numpy(), eager.numpy(), atol=1e-4)
+
+
+def test_fused_head_is_on_by_default_only_where_the_blocks_compile_on_cuda(monkeypatch):
+    """EDGETUNE_TORCH_FUSED_HEAD=auto: compiled on CUDA (measured faster there), the eager passes on
+    a CPU, compiled or not; 1 and 0 force it."""
+    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "1")
+    assert (get_backend("torch").head_chunk_grad is not None) == torch.cuda.is_available()
+    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "0")
+    assert get_backend("torch").head_chunk_grad is None
+    monkeypatch.setenv("EDGETUNE_TORCH_FUSED_HEAD", "1")
+    assert get_backend("torch").head_chunk_grad is not None
+    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "1")
+    monkeypatch.setenv("EDGETUNE_TORCH_FUSED_HEAD", "0")
+    assert get_backend("torch").head_chunk_grad is None
 
 
 def test_fused_head_setting_gives_the_same_logprobs_and_lora_gradients(tiny_model_dir, monkeypatch):

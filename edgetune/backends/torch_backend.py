@@ -114,7 +114,7 @@ def softmax_minus_onehot(logits, targets):
     max, subtract, exp and sum, the in-place softmax, the cast back): ~50 bytes moved per logit.
     Compiled, they become reductions and one pointwise kernel over the bf16 logits (~8 bytes),
     where the head was ~13 ms of a ~73 ms step on an H200 (qwen2.5-0.5b's 151,936-token vocab).
-    Measured by scripts/bench_gpu.py's `_fusedhead` parts; off until it is.
+    scripts/bench_gpu.py's `_eagerhead` parts measure it against the eager passes.
     """
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
@@ -212,7 +212,9 @@ class AdamW:
         # launch per tensor per operation made the optimizer a visible share of a GPU step's CPU time.
         lr = self.schedule(self.step_count)
         b1, b2 = self.betas
-        grads = [p.grad.float() for p in self.params]  # the gradient itself where it is float32
+        # The gradient itself where it is float32 (LoRA's): a no-op .float() still costs ~2 us of
+        # host time per tensor, 336 of them a step.
+        grads = [g if g.dtype == torch.float32 else g.float() for g in (p.grad for p in self.params)]
         torch._foreach_mul_(self.m, b1)
         torch._foreach_add_(self.m, grads, alpha=1 - b1)
         torch._foreach_mul_(self.v, b2)
@@ -264,16 +266,21 @@ class TorchBackend:
         # positions per call on CUDA, where eager calls cost CPU time, not GPU time (see
         # `preference.score_on_backend`).
         self.reference_batch_factor = 4 if self.cuda else 1
+        # The global norm of the gradients `accumulate` last left in these parameters' `.grad`
+        # (see there): `grad_norm` and `update` reuse it instead of reading the device again.
+        self._step_params, self._step_norm = None, 0.0
         # An experiment, off by default (EDGETUNE_TORCH_PLAIN_BUCKETS=1; scripts/bench_gpu.py's
         # `_buckets` parts): plain rows (preference pairs, SFT without packing) padded to a multiple
         # of PLAIN_BUCKET positions, so a run sees a few static shapes, each compiled once and, on
         # CUDA, given CUDA graphs as packed rows are. It trades padding for launch overhead.
         buckets = _env_choice("EDGETUNE_TORCH_PLAIN_BUCKETS", "0", ("0", "1")) == "1"
         self.plain_buckets = self.compile and buckets
-        # An experiment, off by default (EDGETUNE_TORCH_FUSED_HEAD=1; bench_gpu.py's `_fusedhead`
-        # parts): the head's softmax as one compiled expression (`softmax_minus_onehot`). Its
-        # first compile is a few seconds, and one more when the chunk's length first changes.
-        fused = _env_choice("EDGETUNE_TORCH_FUSED_HEAD", "0", ("0", "1")) == "1"
+        # The head's softmax as one compiled expression (`softmax_minus_onehot`) where the blocks
+        # compile on CUDA (EDGETUNE_TORCH_FUSED_HEAD: auto; 1 also uncompiled, e.g. on a CPU; 0 the
+        # eager passes; scripts/bench_gpu.py's `_eagerhead` parts measure the difference). Its first
+        # compile is a few seconds, and one more when the chunk's length first changes.
+        want_fused = _env_choice("EDGETUNE_TORCH_FUSED_HEAD", "auto", ("auto", "0", "1"))
+        fused = want_fused == "1" or (want_fused == "auto" and self.compile and self.cuda)
         self.head_chunk_grad = (torch.compile(softmax_minus_onehot) if self.compile else softmax_minus_onehot
                                 ) if fused else None
         if self.plain_buckets:
@@ -580,8 +587,13 @@ class TorchBackend:
         return grad_step
 
     def accumulate(self, grad_step, batches, seeds, aux_sum):
-        """Gradients end in `.grad` (zeroed first); sums stay on the device until the end,
-        so a step synchronises once, not once per micro-batch.
+        """Gradients end in `.grad` (zeroed first); the step's scalars (loss, count, aux sums and the
+        gradients' global norm) stay on the device until the end and come back in one transfer.
+
+        One transfer, because each read of a device scalar waits for the GPU and then leaves it idle
+        while the host launches what follows: with a read each for the loss, the count and the norm
+        (then computed again to clip), an H200 SFT step idled ~15 ms of ~88. The norm is kept for
+        `grad_norm` and `update`, which then read and launch nothing for it.
 
         With several micro-batches, each one's gradients are added into buffers of their own and
         `.grad` is cleared before the next forward: under CUDA graphs a backward's gradients live
@@ -612,11 +624,21 @@ class TorchBackend:
         if grads is not None:
             for p, g in zip(params, grads):
                 p.grad = g
+        gs = [p.grad for p in params if p.grad is not None]
+        norm = _global_norm(gs) if gs else 0.0
+        keys = list(sums)
+        scalars = [loss_sum, ntoks_sum, norm] + [sums[k] for k in keys]
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                              for v in scalars]).tolist()  # the step's one device sync
+        loss_value, ntoks_value, self._step_norm = values[:3]
+        self._step_params = params
         if aux_sum is not None:
-            aux_sum.update({k: aux_sum.get(k, 0.0) + float(v) for k, v in sums.items()})
-        return float(loss_sum), float(ntoks_sum), params
+            aux_sum.update({k: aux_sum.get(k, 0.0) + v for k, v in zip(keys, values[3:])})
+        return loss_value, ntoks_value, params
 
     def grad_norm(self, grads) -> float:
+        if grads is self._step_params:  # measured by `accumulate` with the loss
+            return self._step_norm
         gs = [p.grad for p in grads if p.grad is not None]
         return float(_global_norm(gs)) if gs else 0.0
 
@@ -624,12 +646,14 @@ class TorchBackend:
         @torch.no_grad()
         def update(grads, ntoks: float) -> None:
             gs = [p.grad for p in grads if p.grad is not None]
-            torch._foreach_div_(gs, ntoks)
+            # Normalise and clip in one multiply, by a factor the host knows: mlx's clip_grad_norm
+            # scales the normalised gradients by min(max / (norm + 1e-6), 1).
+            scale = 1.0 / ntoks
             if max_grad_norm:
-                # mlx's clip_grad_norm: scale by min(max / (norm + 1e-6), 1).
-                norm = _global_norm(gs)
-                torch._foreach_mul_(gs, torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0).to(gs[0].dtype))
+                scale *= min(max_grad_norm / (self.grad_norm(grads) / ntoks + 1e-6), 1.0)
+            torch._foreach_mul_(gs, scale)
             optimizer.step()
+            self._step_params = None  # the kept norm was these gradients', not the next ones'
 
         return update
 
