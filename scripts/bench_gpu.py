@@ -25,9 +25,8 @@ Throughput counts real (non-padding) tokens / pairs only.
   `_buckets` pads those rows to multiples of 256 positions (static shapes, CUDA graphs; an experiment),
   `_eagerhead` computes the output head's softmax in eager float32 passes instead of the
   default compiled expression (EDGETUNE_TORCH_FUSED_HEAD=0), and `_accum2` takes each step in two micro-batches
-  of half the rows (`grad_accumulation: 2`) with CUDA graphs forced on (`_accum2_nocg`: off, the
-  default with accumulation until tests/test_backends.py's CUDA accumulation test has passed on a
-  GPU). Each variant's closing line compares it with the default part of its kind.
+  of half the rows (`grad_accumulation: 2`), with CUDA graphs as for one micro-batch
+  (`_accum2_nocg`: without them). Each variant's closing line compares it with the default part of its kind.
 - Each edgetune part also reports what explains its speed: every micro-batch's [B, T], torch.compile's
   counters, its first losses (variants must agree) and a torch.profiler table of 3 more steps run
   after the timed ones.
@@ -406,8 +405,6 @@ def main() -> None:
             env["EDGETUNE_TORCH_ACTIVATION_BUDGET"] = "1"
         if "_eagerhead" in part:  # the head's softmax in eager float32 passes, not compiled
             env["EDGETUNE_TORCH_FUSED_HEAD"] = "0"
-        if "_accum2" in part and "_nocg" not in part:  # CUDA graphs, which accumulation turns off by default
-            env["EDGETUNE_TORCH_COMPILE_MODE"] = "reduce-overhead"
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:

@@ -469,14 +469,13 @@ def test_static_packed_layout_gives_the_same_logprobs_as_the_plain_one(tmp_path,
 def test_cuda_graphs_only_for_one_static_shape_on_cuda_in_the_measured_setting():
     from edgetune.backends.torch_backend import compile_mode
 
-    measured = dict(static=True, cuda=True, attn="sdpa", checkpointing=False, dropout=0.0, accumulates=False,
-                    override=None)
-    assert compile_mode(**measured) == "reduce-overhead"  # packed SFT rows on CUDA, one micro-batch a step
+    measured = dict(static=True, cuda=True, attn="sdpa", checkpointing=False, dropout=0.0, override=None)
+    # Packed rows on CUDA, whatever the micro-batches per step (summed outside the graphs' pool).
+    assert compile_mode(**measured) == "reduce-overhead"
     for change in ({"static": False},  # preference pairs: many shapes
                    {"cuda": False},  # a CPU
                    {"attn": "flash_attention_2"},  # varlen: cu_seqlens change length with each batch
-                   {"checkpointing": True}, {"dropout": 0.1},  # not measured with graphs
-                   {"accumulates": True}):  # summed outside the graph pool, but not yet run on a GPU
+                   {"checkpointing": True}, {"dropout": 0.1}):  # not measured with graphs
         assert compile_mode(**{**measured, **change}) == "default", change
     assert compile_mode(**{**measured, "static": False, "override": "max-autotune"}) == "max-autotune"
 
@@ -681,12 +680,21 @@ def test_fused_head_on_cuda_in_bf16_gives_the_eager_head():
 def test_accumulation_under_cuda_graphs_gives_the_eager_gradients(tiny_model_dir, monkeypatch):
     """Two micro-batches a step with CUDA graphs forced on (reduce-overhead): each backward's gradients
     are taken out of the graphs' pool before the next replay (pytorch#169545), so they must sum to
-    what eager gives. `compile_mode` keeps graphs off with accumulation until this has run on a GPU."""
-    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "0")
-    loss_a, n_a, grads_a = _accumulated_lora_grads(tiny_model_dir, 2, packing=True)
-    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", "1")
-    monkeypatch.setenv("EDGETUNE_TORCH_COMPILE_MODE", "reduce-overhead")
-    loss_b, n_b, grads_b = _accumulated_lora_grads(tiny_model_dir, 2, packing=True)
-    assert n_a == n_b > 0 and math.isclose(loss_a, loss_b, rel_tol=2e-2)
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(b, a, atol=2e-2, rtol=5e-2)
+    what the same compiled blocks give without graphs (the same kernels: tight), and to eager up to
+    bf16 rounding (a norm-relative bound over all of them: compiled bf16 kernels left one tensor of
+    this random tiny model 8.5% off eager on an H200; an overwritten micro-batch is off by ~100%).
+    Passed on an H200 (2026-11-27), after which `compile_mode` gave accumulation graphs."""
+    def grads(compile: str, mode: str = ""):
+        monkeypatch.setenv("EDGETUNE_TORCH_COMPILE", compile)
+        monkeypatch.setenv("EDGETUNE_TORCH_COMPILE_MODE", mode)
+        return _accumulated_lora_grads(tiny_model_dir, 2, packing=True)
+
+    loss_e, n_e, eager = grads("0")
+    loss_c, n_c, compiled = grads("1", "default")
+    loss_g, n_g, graphs = grads("1", "reduce-overhead")
+    assert n_e == n_c == n_g > 0 and math.isclose(loss_g, loss_c, rel_tol=1e-3)
+    assert math.isclose(loss_g, loss_e, rel_tol=2e-2)
+    for c, g in zip(compiled, graphs):
+        torch.testing.assert_close(g, c, atol=1e-3, rtol=1e-2)
+    flat_e, flat_g = torch.cat([e.flatten() for e in eager]), torch.cat([g.flatten() for g in graphs])
+    assert float((flat_g - flat_e).norm()) <= 0.15 * float(flat_e.norm())
