@@ -625,7 +625,8 @@ class TorchBackend:
         norm = _global_norm(gs) if gs else 0.0
         keys = list(sums)
         scalars = [loss_sum, ntoks_sum, norm] + [sums[k] for k in keys]
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+        wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        values = torch.stack([torch.as_tensor(v, dtype=wide, device=self.device).reshape(())
                               for v in scalars]).tolist()  # the step's one device sync
         loss_value, ntoks_value, self._step_norm = values[:3]
         self._step_params = params
