@@ -94,8 +94,8 @@ def train(
 def _loop(backend, model, optimizer, loss_fn, micro_batch, settings, checkpoint_dir, save_adapter, state,
           evaluate, report, echo) -> ckpt.TrainerState:
     grad_step = backend.make_grad_step(model, loss_fn, settings.compile)
-    # `update(grads, n)` normalises by the supervised-token count of the whole accumulated batch,
-    # clips and takes one optimizer step.
+    # `update(grads, n, norm)` normalises by the supervised-token count of the whole accumulated
+    # batch, clips and takes one optimizer step.
     update = backend.make_update(model, optimizer, settings.max_grad_norm, settings.compile)
 
     started = time.perf_counter()
@@ -109,12 +109,12 @@ def _loop(backend, model, optimizer, loss_fn, micro_batch, settings, checkpoint_
         # The RNG (dropout) is a pure function of (seed, cursor), so a resumed run
         # draws exactly what the uninterrupted run drew: no RNG state to save.
         aux_sum: dict = {}
-        loss_sum, ntoks_total, grads_sum = backend.accumulate(
+        loss_sum, ntoks_total, grads_sum, grads_norm = backend.accumulate(
             grad_step, batches, [micro_seed(settings.seed, c) for c in cursors], aux_sum)
         n_tokens = sum(b.n_tokens for b in batches)
         ids = [i for b in batches for i in b.example_ids]
         step_loss = loss_sum / max(ntoks_total, 1.0)
-        norm = backend.grad_norm(grads_sum) / max(ntoks_total, 1.0)
+        norm = grads_norm / max(ntoks_total, 1.0)
         if not (math.isfinite(step_loss) and math.isfinite(norm)):
             # Skip the update: one bad batch must not poison the adapter.
             state.nonfinite_in_row += 1
@@ -130,7 +130,7 @@ def _loop(backend, model, optimizer, loss_fn, micro_batch, settings, checkpoint_
             continue
         state.nonfinite_in_row = 0
         if ntoks_total:
-            update(grads_sum, ntoks_total)
+            update(grads_sum, ntoks_total, grads_norm)
         state.step = step
         now = time.perf_counter()
         tokens_seen += n_tokens

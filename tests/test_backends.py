@@ -254,7 +254,7 @@ def _accumulated_lora_grads(tiny_model_dir, micro_batches: int, packing: bool = 
                for i in range(0, len(exs), per)]
     step = b.make_grad_step(loaded.model, make_sft_loss_fn(b), compile=False)
     for _ in range(2):  # the second step replays what the first recorded (CUDA graphs)
-        loss, ntoks, params = b.accumulate(step, batches, None, None)
+        loss, ntoks, params, _ = b.accumulate(step, batches, None, None)
     return loss, ntoks, [p.grad.float().clone() for p in params]
 
 
@@ -272,7 +272,7 @@ def test_torch_accumulation_sums_the_micro_batches_gradients(tiny_model_dir):
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3, 1e6])
 def test_torch_update_normalises_then_clips_with_the_norm_read_with_the_loss(tiny_model_dir, max_grad_norm):
     """`accumulate` reads the gradients' global norm in the same transfer as the loss (one device
-    sync a step); `grad_norm` returns it and `update` scales by 1/n and mlx's clip factor
+    sync a step) and returns it; `update`, given it back, scales by 1/n and mlx's clip factor
     min(max / (norm / n + 1e-6), 1) in one multiply. Same weights as normalising, measuring the
     normalised norm and clipping in separate passes (the clip active at 1e-3, idle at 1e6)."""
     from edgetune.recipe import SftConfig
@@ -287,10 +287,10 @@ def test_torch_update_normalises_then_clips_with_the_norm_read_with_the_loss(tin
                 p.fill_(0.01)
     mb = b.micro_batch(collate([[e] for e in examples(97, 4)]))
     step = b.make_grad_step(loaded.model, make_sft_loss_fn(b), compile=False)
-    loss, ntoks, params = b.accumulate(step, [mb], None, None)
+    loss, ntoks, params, read_norm = b.accumulate(step, [mb], None, None)
     grads = [p.grad.clone() for p in params]
     fresh = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-    assert ntoks > 0 and math.isclose(b.grad_norm(params), fresh, rel_tol=1e-5)
+    assert ntoks > 0 and math.isclose(read_norm, fresh, rel_tol=1e-5)
     # The reference update: normalise, measure, clip, then the same AdamW step.
     normalised = [g / ntoks for g in grads]
     norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in normalised])))
@@ -308,10 +308,46 @@ def test_torch_update_normalises_then_clips_with_the_norm_read_with_the_loss(tin
             p.copy_(w)
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    b.make_update(loaded.model, b.make_optimizer(loaded.model, cfg, steps=10), max_grad_norm, False)(params, ntoks)
+    update = b.make_update(loaded.model, b.make_optimizer(loaded.model, cfg, steps=10), max_grad_norm, False)
+    update(params, ntoks, read_norm)
     assert any(not torch.equal(e, w) for e, w in zip(expected, before))
     for got, want in zip(params, expected):
         torch.testing.assert_close(got.detach(), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3, 1e6])
+def test_mlx_update_clips_with_the_norm_read_with_the_loss(tiny_model_dir, max_grad_norm):
+    """MLX's `accumulate` returns the gradients' global norm and `update` clips by it: the same
+    weights as normalising and then `optim.clip_grad_norm` (which measures the norm again)."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_map
+
+    from edgetune.recipe import SftConfig
+    from edgetune.sft import make_sft_loss_fn
+
+    b = get_backend("mlx")
+    loaded = b.load(recipe_for(tiny_model_dir, "mlx"), echo=lambda m: None)
+    model = loaded.model
+    b.attach_lora(model, LoraSpec(rank=4, alpha=8.0), seed=0)
+    mb = b.micro_batch(collate([[e] for e in examples(97, 4)]))
+    step = b.make_grad_step(model, make_sft_loss_fn(b), compile=False)
+    loss, ntoks, grads, read_norm = b.accumulate(step, [mb], None, None)
+    fresh = float(np.sqrt(sum((np.array(g, np.float64) ** 2).sum() for _, g in tree_flatten(grads))))
+    assert ntoks > 0 and math.isclose(read_norm, fresh, rel_tol=1e-5)
+    before = model.trainable_parameters()
+    cfg = SftConfig(learning_rate=1e-2)
+    normalised = tree_map(lambda g: g / ntoks, grads)
+    if max_grad_norm:
+        normalised, total = optim.clip_grad_norm(normalised, max_grad_norm)
+        assert (float(total) > max_grad_norm) == (max_grad_norm == 1e-3)  # clipping active, then idle
+    b.make_optimizer(model, cfg, steps=10).update(model, normalised)
+    expected = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    model.update(before)
+    b.make_update(model, b.make_optimizer(model, cfg, steps=10), max_grad_norm, False)(grads, ntoks, read_norm)
+    got = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    assert any(not np.array_equal(got[k], np.array(v)) for k, v in tree_flatten(before))
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], atol=1e-6, rtol=1e-5, err_msg=k)
 
 
 def test_same_pairs_give_the_same_dpo_loss_and_gradients(tmp_path, tiny_model_dir):

@@ -96,13 +96,13 @@ class Backend(Protocol):
         """`grad_step(*arrays) -> (loss_sum, n_units, aux sums, grads)` for one micro-batch."""
 
     def accumulate(self, grad_step: Callable, batches: list, seeds: list[int] | None, aux_sum: dict | None):
-        """(loss_sum, n_units, grads) summed over micro-batches; aux sums added into `aux_sum`."""
-
-    def grad_norm(self, grads) -> float:
-        """Global L2 norm of the summed (not yet normalised) gradients."""
+        """(loss_sum, n_units, grads, grad_norm) summed over micro-batches, `grad_norm` the global L2
+        norm of the summed (not yet normalised) gradients, read with the loss (on a GPU each read
+        of a device value is a sync); aux sums added into `aux_sum`."""
 
     def make_update(self, model, optimizer, max_grad_norm: float | None, compile: bool) -> Callable:
-        """`update(grads, n_units)`: normalise by `n_units`, clip, one optimizer step."""
+        """`update(grads, n_units, grad_norm)`: normalise by `n_units`, clip by mlx's rule
+        (scale by min(max / (grad_norm / n_units + 1e-6), 1)), one optimizer step."""
 
     def learning_rate(self, optimizer) -> float: ...
 

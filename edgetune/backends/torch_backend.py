@@ -266,9 +266,6 @@ class TorchBackend:
         # positions per call on CUDA, where eager calls cost CPU time, not GPU time (see
         # `preference.score_on_backend`).
         self.reference_batch_factor = 4 if self.cuda else 1
-        # The global norm of the gradients `accumulate` last left in these parameters' `.grad`
-        # (see there): `grad_norm` and `update` reuse it instead of reading the device again.
-        self._step_params, self._step_norm = None, 0.0
         # An experiment, off by default (EDGETUNE_TORCH_PLAIN_BUCKETS=1; scripts/bench_gpu.py's
         # `_buckets` parts): plain rows (preference pairs, SFT without packing) padded to a multiple
         # of PLAIN_BUCKET positions, so a run sees a few static shapes, each compiled once and, on
@@ -591,8 +588,8 @@ class TorchBackend:
 
         One transfer, because each read of a device scalar waits for the GPU and then leaves it idle
         while the host launches what follows: with a read each for the loss, the count and the norm
-        (then computed again to clip), an H200 SFT step idled ~15 ms of ~88. The norm is kept for
-        `grad_norm` and `update`, which then read and launch nothing for it.
+        (then computed again to clip), an H200 SFT step idled ~15 ms of ~88. `update` is given the
+        norm back, so clipping reads and launches nothing for it.
 
         With several micro-batches, each one's gradients are added into buffers of their own and
         `.grad` is cleared before the next forward: under CUDA graphs a backward's gradients live
@@ -628,30 +625,22 @@ class TorchBackend:
         wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         values = torch.stack([torch.as_tensor(v, dtype=wide, device=self.device).reshape(())
                               for v in scalars]).tolist()  # the step's one device sync
-        loss_value, ntoks_value, self._step_norm = values[:3]
-        self._step_params = params
+        (loss_value, ntoks_value, norm_value), aux_values = values[:3], values[3:]
         if aux_sum is not None:
-            aux_sum.update({k: aux_sum.get(k, 0.0) + v for k, v in zip(keys, values[3:])})
-        return loss_value, ntoks_value, params
-
-    def grad_norm(self, grads) -> float:
-        if grads is self._step_params:  # measured by `accumulate` with the loss
-            return self._step_norm
-        gs = [p.grad for p in grads if p.grad is not None]
-        return float(_global_norm(gs)) if gs else 0.0
+            aux_sum.update({k: aux_sum.get(k, 0.0) + v for k, v in zip(keys, aux_values)})
+        return loss_value, ntoks_value, params, norm_value
 
     def make_update(self, model, optimizer, max_grad_norm, compile: bool):
         @torch.no_grad()
-        def update(grads, ntoks: float) -> None:
+        def update(grads, ntoks: float, norm: float) -> None:
             gs = [p.grad for p in grads if p.grad is not None]
             # Normalise and clip in one multiply, by a factor the host knows: mlx's clip_grad_norm
             # scales the normalised gradients by min(max / (norm + 1e-6), 1).
             scale = 1.0 / ntoks
             if max_grad_norm:
-                scale *= min(max_grad_norm / (self.grad_norm(grads) / ntoks + 1e-6), 1.0)
+                scale *= min(max_grad_norm / (norm / ntoks + 1e-6), 1.0)
             torch._foreach_mul_(gs, scale)
             optimizer.step()
-            self._step_params = None  # the kept norm was these gradients', not the next ones'
 
         return update
 
