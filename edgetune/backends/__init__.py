@@ -101,8 +101,9 @@ class Backend(Protocol):
         of a device value is a sync); aux sums added into `aux_sum`."""
 
     def make_update(self, model, optimizer, max_grad_norm: float | None, compile: bool) -> Callable:
-        """`update(grads, n_units, grad_norm)`: normalise by `n_units`, clip by mlx's rule
-        (scale by min(max / (grad_norm / n_units + 1e-6), 1)), one optimizer step."""
+        """`update(grads, n_units, grad_norm)`: normalise by `n_units`, clip by mlx's rule (scale by
+        min(max / (norm of the normalised gradients + 1e-6), 1)), one optimizer step. `grad_norm`
+        (`accumulate`'s) lets a backend clip without measuring the norm again: grad_norm / n_units."""
 
     def learning_rate(self, optimizer) -> float: ...
 
