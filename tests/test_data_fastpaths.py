@@ -63,6 +63,7 @@ def no_orjson(monkeypatch):
     monkeypatch.setattr(stage, "_fast_loads", None)
     monkeypatch.setattr(stage, "_fast_dumps", None)
     monkeypatch.setattr(stage, "_fast_records", None)
+    monkeypatch.setattr(stage, "_native_stage_line", None)
 
 
 def tricky_log(tmp_path: Path) -> Path:
@@ -122,7 +123,8 @@ def test_row_json_is_compact_json_dumps_for_every_code_point(monkeypatch):
 
 
 def test_build_without_orjson_or_msgspec_gives_byte_identical_outputs(tmp_path, monkeypatch):
-    """The whole build, in worker processes over many chunks, with and without orjson and msgspec."""
+    """The whole build, in worker processes over many chunks, with and without orjson, msgspec and
+    the C staging pass (test_data_native.py holds that one to the Python path line by line)."""
     log = tmp_path / "log.jsonl"
     log.write_bytes((FIXTURES / "signals.jsonl").read_bytes() + ASSET.read_bytes()
                     + (FIXTURES / "invalid.jsonl").read_bytes() + tricky_log(tmp_path).read_bytes())
@@ -132,6 +134,7 @@ def test_build_without_orjson_or_msgspec_gives_byte_identical_outputs(tmp_path, 
     monkeypatch.setattr(stage, "_fast_loads", None)
     monkeypatch.setattr(stage, "_fast_dumps", None)
     monkeypatch.setattr(stage, "_fast_records", None)
+    monkeypatch.setattr(stage, "_native_stage_line", None)
     build([log], tmp_path / "slow", options, jobs=2)
     assert folder_bytes(tmp_path / "fast") == folder_bytes(tmp_path / "slow")
 

@@ -30,6 +30,8 @@ order and the same options give byte-identical outputs.
 from __future__ import annotations
 
 import bisect
+import functools
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -88,6 +90,30 @@ class BuildOptions:
 
 # --- planning and running the workers ------------------------------------------------
 
+def _without_gc(fn: Callable) -> Callable:
+    """`fn`, run with the cyclic garbage collector paused (collected once when it is done).
+
+    A build's objects (index entries, rows, tallies) hold no reference
+    cycles, and reference counting frees them as they go; but there are
+    millions, and the collector's passes over the ones kept (the index a
+    build holds, the entries each chunk returns) took a fifth of a build's
+    CPU time: 44 -> 35 us per event on the 1M-event benchmark without them.
+    The worker processes run with it off for their whole life (one build).
+    """
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+            gc.collect()  # whatever cycle was made meanwhile (an exception's traceback)
+
+    return paused
+
+
 def default_jobs() -> int:
     """Worker processes: the CPUs this process may use."""
     try:
@@ -137,7 +163,8 @@ def _workers(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
         return
     # fork: workers start in milliseconds and inherit the imports; macOS only supports spawn safely.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    # (gc off in the workers: see `_without_gc`)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=gc.disable) as pool:
         yield pool
 
 
@@ -206,6 +233,7 @@ def _combine(paths: list[Path], chunks: list[Chunk], results: Iterable[ChunkResu
     return scan
 
 
+@_without_gc
 def scan_logs(paths: list[Path], fmt: str = "v1", jobs: int | None = None) -> Scan:
     """Check every record of `paths` without building (for `edgetune data validate`)."""
     jobs = _resolve_jobs(paths, jobs)
@@ -217,6 +245,7 @@ def scan_logs(paths: list[Path], fmt: str = "v1", jobs: int | None = None) -> Sc
 
 # --- the build -------------------------------------------------------------------------
 
+@_without_gc
 def build(paths: list[Path], out: str | Path, options: BuildOptions = BuildOptions(), force: bool = False,
           jobs: int | None = None, progress: Callable[[str], None] = lambda message: None) -> dict:
     """Build the datasets of `paths` into `out`; return the report (also written as report.json).

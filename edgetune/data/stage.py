@@ -15,6 +15,12 @@ the cost of a build:
   their final form, so the parent never decodes or encodes them again;
 - split-out `feedback` records (few) come back whole.
 
+Most lines (valid conversations and comparisons) take a shortcut: `_native.c`
+does all of the above for them in one C pass, the same work line by line as
+`wire.decode`/records.py, rules.py and `stage_rows` here, which stay the
+definition (it steps aside on any line it is not sure of, and a test holds it
+to them); it calls back into `pii.scrub` for texts that may hold PII.
+
 A conversation that split-out feedback points to is curated again by
 `restage_conversations`, which reads just those lines back by position, once
 the parent knows every feedback record of the log.
@@ -47,7 +53,7 @@ from dataclasses import dataclass, field
 from hashlib import blake2b
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from edgetune.data import pii, rules
 from edgetune.data.records import (RECORD_TYPES, ROLES, Bad, Conversation, FeedbackRecord, build_record,
@@ -63,6 +69,10 @@ try:  # decodes and checks a valid line in half the time of orjson and records.p
     from edgetune.data.wire import WireComparison, decode as _fast_records
 except ImportError:  # pragma: no cover - the parity test runs the build without it too
     WireComparison, _fast_records = None, None
+try:  # checks, curates and encodes a common line in one C pass (_native.c; optional, built by setup.py)
+    from edgetune.data._native import stage_line as _native_stage_line
+except ImportError:  # pragma: no cover - the parity tests run the build without it too
+    _native_stage_line = None
 
 POSITION_BITS = 40  # position = file index << 40 | byte offset (or line/ordinal): one int that sorts in log order
 PII_KINDS = ("email", "phone", "card", "ip")
@@ -156,8 +166,8 @@ def _open_binary(path: str, buffering: int = READ_BUFFER) -> IO[bytes]:
         raise UserError(f"{path}: cannot open ({e.strerror or e})") from None
 
 
-def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None, checked: bool = False
-               ) -> Iterator[tuple[int, int, object, bytes | None]]:
+def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None, checked: bool = False,
+               staged: Callable[[bytes], tuple | None] | None = None) -> Iterator[tuple[int, int, object, bytes | None]]:
     """Yield `(position, line, object_or_Invalid, raw line)` for each record of `chunk`, in order.
 
     A "lines" chunk owns the lines that *start* in [start, end); its line
@@ -167,6 +177,8 @@ def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None, checked: bool =
 
     With `checked`, a line of a "lines" chunk that `wire.decode` finds valid
     comes as what it returns (a checked record, see there), not as a dict.
+    With `staged` (`_stage_native`), a line it takes comes as what it returns
+    (a 4-tuple), before any of that.
     """
     base = chunk.file_index << POSITION_BITS
     if chunk.reader == "lines":
@@ -183,7 +195,9 @@ def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None, checked: bool =
                 if not raw:
                     break
                 lineno += 1
-                item = decode_checked(raw) if decode_checked is not None else None
+                item = staged(raw) if staged is not None else None
+                if item is None and decode_checked is not None:
+                    item = decode_checked(raw)
                 if item is None:  # not checked, or not valid as wire.decode reads it: the plain path
                     try:  # `_decode_line`'s fast path, inline: a call per line costs a tenth of the loop
                         item = loads(raw) if raw[:1] == b"{" else _decode_line(raw)
@@ -204,15 +218,22 @@ def iter_chunk(chunk: Chunk, lines_out: list[int] | None = None, checked: bool =
             yield base | ordinal, lineno, item, None
 
 
-def fetch_conversations(chunk: Chunk, positions: list[int]) -> Iterator[tuple[int, object]]:
+def fetch_conversations(chunk: Chunk, positions: list[int], staged: Callable[[int, bytes], tuple | None] | None = None
+                        ) -> Iterator[tuple[int, object]]:
     """Yield `(position, conversation record)` at the given sorted positions of `chunk`, where
-    conversations were found valid before (a `records.Conversation`, or what `wire.decode` makes)."""
+    conversations were found valid before (a `records.Conversation`, or what `wire.decode` makes).
+    With `staged` (a "lines" chunk), a line for which `staged(position, line)` returns a result
+    comes as that result."""
     if chunk.reader == "lines":
         mask = (1 << POSITION_BITS) - 1
         with _open_binary(chunk.path, buffering=8192) as f:  # each seek refills the buffer: keep it small
             for pos in positions:
                 f.seek(pos & mask)
                 raw = f.readline()
+                done = staged(pos, raw) if staged is not None else None
+                if done is not None:
+                    yield pos, done
+                    continue
                 checked = _fast_records(raw) if _fast_records is not None else None
                 yield pos, checked[0] if type(checked) is tuple else _read_again(chunk, _decode_line(raw))
     else:
@@ -458,6 +479,28 @@ def _add_pii(a: tuple | None, b: tuple | None) -> tuple | None:
     return b if a is None else tuple(map(operator.add, a, b))
 
 
+def _scrub_counted(text: str) -> tuple[str, tuple | None]:
+    """pii.scrub for _native.c: the scrubbed text and its PII by kind (None: none)."""
+    counts = Counter()
+    clean = pii.scrub(text, counts)
+    return clean, (tuple(counts[k] for k in PII_KINDS) if counts else None)
+
+
+_RATING_CODES = {"up": 1, "down": 0, None: -1}  # a normalised rating as _native.c takes it
+
+
+def _stage_native(options) -> Callable[..., tuple | None] | None:
+    """The C staging pass for one build's options (None where it is not built): a line's
+    `(kind, id, unused, staged)`, or None to read it on the Python path (see _native.c);
+    given a conversation's split-out feedback too, `(kind, id, unused, staged, lost)`."""
+    if _native_stage_line is None:
+        return None
+    merge = options.correction_prompt == rules.MERGE
+    seed_prefix = f"{options.seed}\x00".encode()  # how rules.split_of's hashed material starts
+    return lambda raw, *extra: _native_stage_line(raw, merge, _scrub_counted, seed_prefix, options.eval_fraction,
+                                                  *extra)
+
+
 # --- staging files -----------------------------------------------------------------------
 
 def staging_tallies(folder: str | Path, chunk: Chunk, phase: str) -> Path:
@@ -503,6 +546,16 @@ class _Staging:
         if len(self.tally_lines) >= PENDING_LINES:
             self.flush()
 
+    def add_encoded(self, pos: int, staged: tuple) -> None:
+        """`add` for a record that `_native.stage_line` curated and encoded (see there)."""
+        split, tally, rows = staged
+        self.tally_lines.append(f"{pos}\t{tally}\n")
+        for output, fields, row in rows:
+            self.rows[split, output].write(row)
+            self.index_lines[output].append(f"{pos}\t{fields}\n")
+        if len(self.tally_lines) >= PENDING_LINES:
+            self.flush()
+
     def flush(self) -> None:
         self.tallies.write("".join(self.tally_lines))
         self.tally_lines.clear()
@@ -540,9 +593,21 @@ def stage_chunk(chunk: Chunk, options, staging: str | None) -> ChunkResult:
     kinds = dict.fromkeys(RECORD_TYPES, 0)  # records of each type; ints, not a Counter: 2 increments per record
     lines_out = [0]
     try:
-        for pos, lineno, obj, raw in iter_chunk(chunk, lines_out, checked=True):
+        for pos, lineno, obj, raw in iter_chunk(chunk, lines_out, checked=True,
+                                                staged=_stage_native(options) if out else None):
             kind = type(obj)
-            if kind is tuple:  # a conversation that wire.decode checked: most records
+            if kind is tuple and len(obj) == 4:  # checked, curated and encoded by _native.c: most records
+                native_kind, record_id, unused, staged = obj
+                if native_kind == 0:
+                    kinds["conversation"] += 1
+                    conversations.append((record_id, pos, unused))
+                else:
+                    kinds["comparison"] += 1
+                    comparisons.append((record_id, pos))
+                if staged is not None:
+                    out.add_encoded(pos, staged)
+                continue
+            if kind is tuple:  # a conversation that wire.decode checked
                 record, unused, signal = obj
                 kind = "conversation"
             elif kind is WireComparison:
@@ -619,8 +684,20 @@ def restage_conversations(chunk: Chunk, requests: list[tuple[int, list[tuple[obj
     feedback = dict(requests)
     orphans, unused = [], {}
     out = _Staging(staging, chunk, "b")
+    native = _stage_native(options)
+
+    def staged(pos: int, raw: bytes) -> tuple | None:  # _native.c, given the line's split-out feedback
+        return native(raw, [(rec.message_id, _RATING_CODES[rec.feedback.rating], rec.feedback.edited_content,
+                             rec.feedback.comment) for _, rec in feedback[pos]])
     try:
-        for pos, conv in fetch_conversations(chunk, [p for p, _ in requests]):
+        for pos, conv in fetch_conversations(chunk, [p for p, _ in requests], staged if native else None):
+            if type(conv) is tuple:  # curated and encoded by _native.c
+                _, _, unused[pos], encoded, lost = conv
+                items = feedback[pos]
+                orphans += [(*items[k], why) for k, why in lost]
+                if encoded is not None:
+                    out.add_encoded(pos, encoded)
+                continue
             joined, lost = join_feedback(conv, feedback[pos])
             orphans += lost
             curated = rules.curate_conversation(conv, joined, options.correction_prompt)
