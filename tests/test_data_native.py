@@ -250,6 +250,25 @@ def test_the_c_pass_steps_aside_where_the_python_decoders_could_read_otherwise(l
     assert native_path(line, BuildOptions()) is None
 
 
+def test_exactly_the_texts_with_an_ascii_digit_or_at_sign_go_to_the_python_scrubber():
+    """The C pass hands pii.scrub only the texts pii.scrub's own first check would look into (an ASCII
+    digit or "@", found eight bytes at a time): every byte value, at every place in a word."""
+    seen = []
+
+    def scrub(text):
+        seen.append(text)
+        return text, None
+
+    texts = [("x" * place) + chr(code) + "y" * (16 - place) for code in range(1, 0x800) for place in (0, 5, 7, 8, 13)]
+    for start in range(0, len(texts), 200):  # (at most 512 messages a record: MAX_MESSAGES)
+        record = {"type": "conversation", "conversation_id": "c", "messages": [
+            {"id": f"m{k}", "role": "user" if k % 2 == 0 else "assistant", "content": text,
+             **({"feedback": {"rating": "up"}} if k % 2 else {})} for k, text in enumerate(texts[start:start + 200])]}
+        assert stage._native_stage_line(False, scrub, b"0\x00", 0.1, json.dumps(record).encode()) is not None
+    wanted = [t for t in texts if any(c in "0123456789@" for c in t)]
+    assert sorted(set(seen)) == sorted(set(wanted)) and len(wanted) == 11 * 5
+
+
 def test_split_draw_compares_exactly_at_the_boundary():
     """rules.split_of compares a 64-bit draw with eval_fraction * 2**64 as Python compares an int with a
     float (exactly); fractions whose limit lands on either side of a record's draw must split alike."""

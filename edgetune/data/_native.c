@@ -1,6 +1,6 @@
 /* The build's native staging pass for well-formed log lines (see stage.py, `_stage_native`).
 
-   `stage_line(raw, merge, scrub)` reads one log line and, when it is a valid
+   `stage_line(..., raw)` reads one log line and, when it is a valid
    conversation or comparison in the common shape, returns everything the
    staging pass makes of it: its index entry, and for a record with a signal
    the curated rows, encoded as they will be written. It is the same work as
@@ -632,11 +632,19 @@ typedef struct {
     int merge;
 } Ctx;
 
+/* Does the text hold an ASCII digit or `@` (what pii.scrub's first check looks for)? Eight bytes
+   at a time, exactly: in 7-bit lanes (no carry crosses a byte), y + 0x50 sets bit 7 from '0' up,
+   y + 0x46 from ':' up; bytes >= 0x80 (not ASCII) are masked out by ~x. */
 static int needs_scrub(Str t) {
-    for (Py_ssize_t i = 0; i < t.n; i++) {
-        char c = t.p[i];
-        if ((c >= '0' && c <= '9') || c == '@') return 1;
+    const uint64_t lows = 0x7F7F7F7F7F7F7F7FULL;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= t.n; i += 8) {
+        uint64_t x = load8(t.p + i), y = x & lows;
+        uint64_t digits = (y + ONES * 0x50) & ~(y + ONES * 0x46) & ~x & HIGHS;
+        if (digits | eq_mask(x, '@')) return 1;
     }
+    for (; i < t.n; i++)
+        if ((t.p[i] >= '0' && t.p[i] <= '9') || t.p[i] == '@') return 1;
     return 0;
 }
 
@@ -778,6 +786,16 @@ static int put_message(Buf *b, int role, Text *t) {
     return 0;
 }
 
+static PyObject *output_names[3];  /* "sft", "dpo", "kto" as str (made once, in PyInit__native) */
+
+/* A non-negative integer in decimal. */
+static int put_int(Buf *b, long long v) {
+    char digits[24];
+    int n = 0;
+    do { digits[sizeof digits - 1 - n++] = (char)('0' + v % 10); v /= 10; } while (v > 0);
+    return buf_put(b, digits + sizeof digits - n, n);
+}
+
 static void add_pii(long *sum, Text *t) {
     if (t->has_pii)
         for (int k = 0; k < 4; k++) sum[k] += t->pii[k];
@@ -866,17 +884,20 @@ static int make_row(Rows *r, int output, const char *rule, Prompt *prompt, int a
 
     /* Its line in the staging index, but the position: split, key, bytes, rule, persona, PII. */
     Buf *f = r->fields;
-    char hex[33], tail[128];
+    char hex[32];
     for (int k = 0; k < 16; k++) { hex[2 * k] = hexd[digest[k] >> 4]; hex[2 * k + 1] = hexd[digest[k] & 15]; }
-    hex[32] = 0;
     f->n = 0;
-    PyOS_snprintf(tail, sizeof tail, "\t%s\t%zd\t%s\t", hex, row->n, rule);
-    if (buf_puts(f, r->split) < 0 || buf_puts(f, tail) < 0 || buf_put(f, r->persona_json.p, r->persona_json.n) < 0)
-        return -1;
-    PyOS_snprintf(tail, sizeof tail, "\t%ld,%ld,%ld,%ld", pii[0], pii[1], pii[2], pii[3]);
-    if (buf_puts(f, tail) < 0) return -1;
-    PyObject *item = Py_BuildValue("(ss#y#)", OUTPUT_NAMES[output], f->p, f->n, row->p, row->n);
+    if (buf_puts(f, r->split) < 0 || buf_puts(f, "\t") < 0 || buf_put(f, hex, 32) < 0 || buf_puts(f, "\t") < 0
+        || put_int(f, row->n) < 0 || buf_puts(f, "\t") < 0 || buf_puts(f, rule) < 0 || buf_puts(f, "\t") < 0
+        || buf_put(f, r->persona_json.p, r->persona_json.n) < 0) return -1;
+    for (int k = 0; k < 4; k++)
+        if (buf_puts(f, k ? "," : "\t") < 0 || put_int(f, pii[k]) < 0) return -1;
+    PyObject *item = PyTuple_New(3);
     if (!item) return -1;
+    PyTuple_SET_ITEM(item, 0, Py_NewRef(output_names[output]));
+    PyTuple_SET_ITEM(item, 1, PyUnicode_DecodeASCII(f->p, f->n, "strict"));  /* (all ASCII: see above) */
+    PyTuple_SET_ITEM(item, 2, PyBytes_FromStringAndSize(row->p, row->n));
+    if (!PyTuple_GET_ITEM(item, 1) || !PyTuple_GET_ITEM(item, 2)) { Py_DECREF(item); return -1; }
     int rc = PyList_Append(r->rows, item);
     Py_DECREF(item);
     return rc < 0 ? -1 : 1;
@@ -1223,16 +1244,14 @@ static const char *split_of(Str seed_prefix, const char *kind, Str id, double ev
 /* The record's tally for the staging index, as stage.stage_rows writes it (orjson, compact). */
 static PyObject *tally_json(Rows *r) {
     Buf b = {NULL, 0, 0};
-    char num[32];
     Tally *parts[2] = {&r->signals, &r->drops};
     const char *heads[2] = {"{\"signals\":{", "},\"drops\":{"};
     PyObject *out = NULL;
     for (int p = 0; p < 2; p++) {
         if (buf_puts(&b, heads[p]) < 0) goto done;
         for (int k = 0; k < parts[p]->n; k++) {
-            PyOS_snprintf(num, sizeof num, "\":%ld", parts[p]->count[k]);
-            if (buf_puts(&b, k ? ",\"" : "\"") < 0 || buf_puts(&b, parts[p]->name[k]) < 0 || buf_puts(&b, num) < 0)
-                goto done;
+            if (buf_puts(&b, k ? ",\"" : "\"") < 0 || buf_puts(&b, parts[p]->name[k]) < 0 || buf_puts(&b, "\":") < 0
+                || put_int(&b, parts[p]->count[k]) < 0) goto done;
         }
     }
     if (buf_puts(&b, "},\"conflicts\":[]}") < 0) goto done;
@@ -1250,8 +1269,12 @@ static int kept_texts_cap;
 static Buf kept_row, kept_fields;
 static int busy;
 
-/* stage_line(raw, merge, scrub, seed_prefix, eval_fraction[, extra])
+/* stage_line(merge, scrub, seed_prefix, eval_fraction, raw[, extra])
        -> None | (kind, id, unused, staged[, lost])
+
+   The build's options come first (stage.py binds them once with functools.partial): `merge` for
+   --correction-prompt merge, `scrub` (see the top of this file), `seed_prefix` f"{seed}\x00" and
+   `eval_fraction` for rule 9. Then the line, `raw`.
 
    kind 0: a conversation (unused: its assistant messages without a signal), 1: a comparison
    (unused 0). staged: None when the record stages nothing (no signal, or nothing to report),
@@ -1265,7 +1288,7 @@ static PyObject *stage_line(PyObject *self, PyObject *args) {
     PyObject *scrub, *extra = NULL, *lost = NULL;
     Str seed_prefix;
     double eval_fraction;
-    if (!PyArg_ParseTuple(args, "y*pOy#d|O", &raw, &merge, &scrub, &seed_prefix.p, &seed_prefix.n, &eval_fraction,
+    if (!PyArg_ParseTuple(args, "pOy#dy*|O", &merge, &scrub, &seed_prefix.p, &seed_prefix.n, &eval_fraction, &raw,
                           &extra))
         return NULL;
     if (busy) { PyBuffer_Release(&raw); Py_RETURN_NONE; }  /* (re-entered from `scrub`: never in a build) */
@@ -1303,7 +1326,7 @@ static PyObject *stage_line(PyObject *self, PyObject *args) {
     int signal = 1;
     if (str_eq(type, "conversation")) {
         kind = 0;
-        long assistants;
+        long assistants = 0;
         if (read_conversation(&r, top, &signal, &assistants) < 0) goto done;
         if (cx.ps.bail) goto bail;
         unused = assistants;
@@ -1355,10 +1378,15 @@ done:
 
 static PyMethodDef methods[] = {
     {"stage_line", stage_line, METH_VARARGS,
-     "stage_line(raw, merge, scrub) -> None | (kind, id, persona, unused, curated): see _native.c."},
+     "stage_line(merge, scrub, seed_prefix, eval_fraction, raw[, extra]) -> None | (kind, id, unused, staged"
+     "[, lost]): see _native.c."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    for (int k = 0; k < 3; k++)
+        if (!output_names[k] && !(output_names[k] = PyUnicode_InternFromString(OUTPUT_NAMES[k]))) return NULL;
+    return PyModule_Create(&module);
+}

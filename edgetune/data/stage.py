@@ -46,6 +46,7 @@ One file per output lets the merge of each output run in its own process.
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 from collections import Counter
@@ -497,8 +498,7 @@ def _stage_native(options) -> Callable[..., tuple | None] | None:
         return None
     merge = options.correction_prompt == rules.MERGE
     seed_prefix = f"{options.seed}\x00".encode()  # how rules.split_of's hashed material starts
-    return lambda raw, *extra: _native_stage_line(raw, merge, _scrub_counted, seed_prefix, options.eval_fraction,
-                                                  *extra)
+    return functools.partial(_native_stage_line, merge, _scrub_counted, seed_prefix, options.eval_fraction)
 
 
 # --- staging files -----------------------------------------------------------------------
