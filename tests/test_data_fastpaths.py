@@ -10,6 +10,7 @@ leave as they are. The merge copies byte ranges of the staged rows.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from collections import Counter
@@ -105,6 +106,25 @@ def test_regression_integer_beyond_64_bits_is_named_as_written_not_as_orjson_flo
     log.write_text(TRICKY_LINES[2] + "\n")
     (problem,) = scan_logs([log]).problems
     assert "123456789012345678901234567890" in problem[2] and "e+29" not in problem[2]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"type": "feedback", "conversation_id": "c", "message_id": "a", "rating": "up", "metadata": {"n": '
+     + "9" * 5000 + '}}', "not readable as JSON (a number of more than 4300 digits)"),
+    ('{"type": "feedback", "n": ' + "[" * 100_000 + "]" * 100_000 + '}', "not readable as JSON (nested too deeply)"),
+], ids=["integer of 5000 digits", "nested 100,000 deep"])
+def test_regression_lines_json_loads_raises_on_are_invalid_lines_not_a_crash(tmp_path, line, reason):
+    """json.loads raises ValueError (not JSONDecodeError) past Python's integer-digit limit, and
+    RecursionError past its nesting limit: both crashed a build; they are invalid lines, named."""
+    log = tmp_path / "log.jsonl"
+    log.write_text(line + "\n" + '{"type": "feedback", "conversation_id": "c", "message_id": "a", "rating": "up"}\n')
+    assert [why for _, _, why in scan_logs([log]).problems] == [reason]
+    report = build([log], tmp_path / "out", BuildOptions(skip_invalid=True))
+    assert report["records"]["invalid"] == 1 and report["invalid_examples"] == [f"{log}:1: {reason}"]
+    gz = tmp_path / "log.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(log.read_text())
+    assert [why for _, _, why in scan_logs([gz]).problems] == [reason]  # source.iter_jsonl, the other reader
 
 
 # --- encoding -------------------------------------------------------------------------------

@@ -244,6 +244,8 @@ def test_every_record_of_the_sample_logs_but_feedback_is_taken_and_agrees():
     b'{"type":"conversation","conversation_id":"c","messages":[{"id":"a","role":"assistant","content":"x",'
     b'"feedback":{"rating":-0}}]}',
     b'\xef\xbb\xbf{"type":"comparison"}',
+    b'{"type":"conversation","conversation_id":"c","metadata":{"n":' + b"9" * 5000 + b'},"messages":['
+    b'{"id":"a","role":"assistant","content":"x","feedback":{"rating":"up"}}]}',  # Python refuses its integer
     b'{"type":"conversation","conversation_id":"c","metadata":' + b'[' * 100 + b']' * 100 + b',"messages":[]}',
 ])
 def test_the_c_pass_steps_aside_where_the_python_decoders_could_read_otherwise(line):
@@ -267,6 +269,23 @@ def test_exactly_the_texts_with_an_ascii_digit_or_at_sign_go_to_the_python_scrub
         assert stage._native_stage_line(False, scrub, b"0\x00", 0.1, json.dumps(record).encode()) is not None
     wanted = [t for t in texts if any(c in "0123456789@" for c in t)]
     assert sorted(set(seen)) == sorted(set(wanted)) and len(wanted) == 11 * 5
+
+
+def test_regression_memory_for_escaped_strings_is_their_own_length_not_the_rest_of_the_line():
+    """Each string with an escape was given the rest of the line to decode into: 20,000 short escaped
+    strings in a 200 KB line took gigabytes. Now a line's scratch is about its own size."""
+    import tracemalloc
+
+    line = (b'{"type":"conversation","conversation_id":"c","metadata":{"k":[' + b",".join([b'"\\n"'] * 20000)
+            + b']},"messages":[{"id":"a","role":"assistant","content":"' + b"x\\n" * 50000
+            + b'","feedback":{"rating":"up"}}]}')
+    tracemalloc.start()
+    try:
+        assert native_path(line, BuildOptions()) is not None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * len(line)
 
 
 def test_split_draw_compares_exactly_at_the_boundary():

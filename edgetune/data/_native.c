@@ -31,6 +31,7 @@
 
 #define MAX_DEPTH 64
 #define MAX_MESSAGES 512
+#define KEEP_AT_MOST 16384  /* scratch kept from line to line: nodes, texts (x 64 bytes of row) */
 
 /* ---------------------------------------------------------------- buffers -- */
 
@@ -278,8 +279,15 @@ static int parse_string(Parser *ps, Str *out, int *escaped) {
         if (escaped) *escaped = 0;
         return 0;
     }
-    /* escapes (or a control character, or the end): decode from the start */
-    char *dst = arena_alloc(ps->arena, ps->end - start);
+    /* Escapes (or a control character, or the end): find the closing quote, then decode from the
+       start into as many bytes as the string has (decoded, it is never longer). */
+    while (p < ps->end && *p != '"') {
+        if ((unsigned char)*p < 0x20) { ps->bail = 1; return 0; }
+        p += *p == '\\' ? 2 : 1;  /* (the byte after a backslash never closes the string) */
+        if (p < ps->end) p += plain_run(p, ps->end - p);
+    }
+    if (p >= ps->end) { ps->bail = 1; return 0; }
+    char *dst = arena_alloc(ps->arena, p - start);
     if (!dst) return -1;
     char *d = dst;
     p = start;
@@ -347,6 +355,9 @@ static void parse_number(Parser *ps, Node *nd) {
     if (p < ps->end && *p == '0') p++;
     else if (p < ps->end && *p >= '1' && *p <= '9') { while (p < ps->end && *p >= '0' && *p <= '9') p++; }
     else { ps->bail = 1; return; }
+    /* Python refuses to read an integer of more digits than sys.get_int_max_str_digits() (4300 by
+       default, 640 at the least): such a line is the Python path's to word. */
+    if (p - start > 640) { ps->bail = 1; return; }
     if (p < ps->end && *p == '.') {
         p++;
         if (!(p < ps->end && *p >= '0' && *p <= '9')) { ps->bail = 1; return; }
@@ -1370,6 +1381,23 @@ done:
     kept_nodes_cap = cx.ps.cap;
     kept_texts = cx.texts.items;
     kept_texts_cap = cx.texts.cap;
+    if (kept_nodes_cap > KEEP_AT_MOST) {  /* a huge line's scratch is not kept for the next ones */
+        PyMem_Free(kept_nodes);
+        kept_nodes = NULL;
+        kept_nodes_cap = 0;
+    }
+    if (kept_texts_cap > KEEP_AT_MOST) {
+        PyMem_Free(kept_texts);
+        kept_texts = NULL;
+        kept_texts_cap = 0;
+    }
+    Buf *bufs[2] = {&kept_row, &kept_fields};
+    for (int k = 0; k < 2; k++)
+        if (bufs[k]->cap > KEEP_AT_MOST * 64) {
+            PyMem_Free(bufs[k]->p);
+            bufs[k]->p = NULL;
+            bufs[k]->n = bufs[k]->cap = 0;
+        }
     arena_free(&cx.arena);
     PyBuffer_Release(&raw);
     busy = 0;

@@ -8,6 +8,7 @@ can either report every error at once (strict) or count and skip them
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -26,6 +27,18 @@ class Invalid:
 SourceItem = tuple[int, Union[dict, Invalid]]
 
 
+def decode_json(text: str) -> object:
+    """`json.loads(text)`, or Invalid(reason) for a line it cannot read: never an exception."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
+    except ValueError:  # (after JSONDecodeError, a ValueError too) Python's limit on integer digits
+        return Invalid(f"not readable as JSON (a number of more than {sys.get_int_max_str_digits()} digits)")
+    except RecursionError:
+        return Invalid("not readable as JSON (nested too deeply)")
+
+
 def iter_jsonl(path: str | Path) -> Iterator[SourceItem]:
     """Yield `(line_number, obj)` for each non-blank line of a JSONL (or .jsonl.gz) file."""
     try:
@@ -37,10 +50,9 @@ def iter_jsonl(path: str | Path) -> Iterator[SourceItem]:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield lineno, Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
+                obj = decode_json(line)
+                if type(obj) is Invalid:
+                    yield lineno, obj
                     continue
                 if not isinstance(obj, dict):
                     yield lineno, Invalid(f"expected a JSON object, got {type(obj).__name__}")

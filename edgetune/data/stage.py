@@ -59,7 +59,7 @@ from typing import IO, Callable, Iterator
 from edgetune.data import pii, rules
 from edgetune.data.records import (RECORD_TYPES, ROLES, Bad, Conversation, FeedbackRecord, build_record,
                                    check_conversation, validate_record)
-from edgetune.data.source import Invalid, iter_jsonl
+from edgetune.data.source import Invalid, decode_json, iter_jsonl
 from edgetune.errors import UserError
 
 try:  # 2x faster than the stdlib on log lines, 5x on rows; optional (see `_decode_line`, `row_json`)
@@ -151,10 +151,9 @@ def _decode_line(raw: bytes, fast: bool = True) -> dict | Invalid | None:
         return Invalid(f"not UTF-8 text (bad byte at column {e.start + 1})")
     if text[:1] != "{" and not text.strip():
         return None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
+    obj = decode_json(text)
+    if type(obj) is Invalid:
+        return obj
     if not isinstance(obj, dict):
         return Invalid(f"expected a JSON object, got {type(obj).__name__}")
     return obj

@@ -27,6 +27,8 @@ in `records.py`.
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import Annotated, Literal, Optional, Union
 
 import msgspec
@@ -108,9 +110,11 @@ def decode(raw: bytes) -> tuple[WireConversation, int, bool] | WireComparison | 
             raw.decode("utf-8")
         except UnicodeDecodeError:
             return None
+    if len(raw) > _MAX_DIGITS and _has_long_integer(raw):
+        return None
     try:
         record = _decoder.decode(raw)
-    except msgspec.DecodeError:  # malformed, mistyped, or just something msgspec reads otherwise
+    except (msgspec.DecodeError, RecursionError):  # malformed, mistyped, read otherwise, or too deep for it
         return None
     kind = type(record)
     if kind is WireConversation:
@@ -123,6 +127,16 @@ def decode(raw: bytes) -> tuple[WireConversation, int, bool] | WireComparison | 
         return None  # a feedback record without a signal
     return FeedbackRecord(record.conversation_id, record.message_id,
                           Feedback(normalize_rating(record.rating), record.edited_content, record.comment))
+
+
+_MAX_DIGITS = sys.get_int_max_str_digits() or 1 << 62  # the longest integer Python reads (0: no limit)
+
+
+def _has_long_integer(raw: bytes) -> bool:
+    """A run of more digits than Python reads as an int: the plain path names such a line invalid
+    (`source.decode_json`), where msgspec would skip it under a key the format does not define."""
+    digits = len(raw) - len(raw.translate(None, b"0123456789"))
+    return digits > _MAX_DIGITS and re.search(rb"[0-9]{%d}" % (_MAX_DIGITS + 1), raw) is not None
 
 
 def _system_first(turns: list) -> bool:
