@@ -179,7 +179,9 @@ def assert_same(raw: bytes, options: BuildOptions, extra=None) -> bool:
 def test_the_c_staging_pass_is_built():
     """setup.py builds it as optional (an install without a C compiler goes on without it); where this
     suite runs, a missing build is a silent 2x slower build, so it is an error here."""
-    assert stage._native_stage_line is not None
+    assert stage._native_stage_line is not None, (
+        "edgetune/data/_native.c is not built: install a C compiler (gcc, or Xcode's command line tools) "
+        "and run `pip install -e .` again")
 
 
 @PROPERTY

@@ -14,9 +14,10 @@
 
    On *any* doubt it returns None and the caller reads the line on the Python
    path, which decides and words every reason: invalid UTF-8 or JSON, a
-   number where a string belongs, a duplicate or escaped key, a lone
-   surrogate, a `feedback` record, more than MAX_MESSAGES messages, nesting
-   deeper than MAX_DEPTH. So what a line becomes never depends on this file
+   number where a string belongs, an integer of more than 640 digits, a
+   duplicate or escaped key, a lone surrogate, a `feedback` record, more than
+   MAX_MESSAGES messages, nesting deeper than MAX_DEPTH, a message that split-out
+   feedback would give a second signal. So what a line becomes never depends on this file
    being built (setup.py builds it as optional; without it, the Python path
    does everything).
 
