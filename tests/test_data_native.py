@@ -24,6 +24,8 @@ from edgetune.data import records, rules, stage
 from edgetune.data.build import BuildOptions, build
 from edgetune.data.stage import _decode_line
 
+from broken_records import break_record
+
 FIXTURES = Path(__file__).parent / "data" / "feedback"
 ASSET = Path(__file__).parents[1] / "edgetune" / "assets" / "sample_feedback.jsonl"
 PROPERTY = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -91,32 +93,11 @@ BROKEN = [None, "", "x", "m0", "m1", "a", "tie", "up", "Up", "system", "bot", 0,
           [{}], {}, {"rating": "up"}]
 
 
-def _places(obj, path=()):
-    """Every place in `obj` a value can be set: existing keys and items, and new known keys."""
-    if isinstance(obj, dict):
-        for key in list(obj) + ["feedback", "corrects", "persona", "metadata", "rating", "id", "content", "type"]:
-            yield path + (key,)
-        for key, value in obj.items():
-            yield from _places(value, path + (key,))
-    elif isinstance(obj, list):
-        for i, value in enumerate(obj):
-            yield path + (i,)
-            yield from _places(value, path + (i,))
-
-
 @st.composite
 def lines(draw) -> bytes:
     """A record as one log line, maybe broken in one or two places, in either JSON spelling."""
-    record = draw(st.one_of(conversations(), comparisons()))
-    for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
-        path = draw(st.sampled_from(list(_places(record))))
-        parent = record
-        for step in path[:-1]:
-            parent = parent[step]
-        if draw(st.integers(0, 4)) == 0 and isinstance(parent, dict):
-            parent.pop(path[-1], None)
-        else:
-            parent[path[-1]] = json.loads(json.dumps(draw(st.sampled_from(BROKEN))))
+    record = break_record(draw, draw(st.one_of(conversations(), comparisons())), BROKEN,
+                          draw(st.sampled_from([0, 0, 1, 2])))
     text = json.dumps(record, ensure_ascii=draw(st.booleans()), separators=draw(st.sampled_from([None, (",", ":")])))
     return text.encode("utf-8", "surrogatepass") + draw(st.sampled_from([b"\n", b"", b"\r\n", b" \n"]))
 

@@ -24,6 +24,8 @@ from edgetune.data.records import FeedbackRecord
 from edgetune.data.stage import _decode_line
 from edgetune.errors import UserError
 
+from broken_records import break_record
+
 FIXTURES = Path(__file__).parent / "data" / "feedback"
 ASSET = Path(__file__).parents[1] / "edgetune" / "assets" / "sample_feedback.jsonl"
 PROPERTY = settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -72,33 +74,10 @@ FEEDBACK = {"type": "feedback", "conversation_id": "c1", "message_id": "m1", "ra
             "edited_content": "e", "comment": "c", "metadata": 5}
 
 
-def _paths(obj, path=()):
-    """Every place in `obj` a value can be set: existing keys and items, and new known keys."""
-    if isinstance(obj, dict):
-        for key in list(obj) + ["feedback", "corrects", "persona", "timestamp", "metadata", "rating", "id",
-                                "role", "content", "edited_content", "comment", "type"]:
-            yield path + (key,)
-        for key, value in obj.items():
-            yield from _paths(value, path + (key,))
-    elif isinstance(obj, list):
-        for i, value in enumerate(obj):
-            yield path + (i,)
-            yield from _paths(value, path + (i,))
-
-
 @st.composite
 def log_lines(draw) -> bytes:
-    record = draw(st.one_of(conversation(), comparison(), st.just(FEEDBACK)))
-    record = json.loads(json.dumps(record))  # a copy to break
-    for _ in range(draw(st.integers(0, 2))):
-        path = draw(st.sampled_from(list(_paths(record))))
-        parent = record
-        for step in path[:-1]:
-            parent = parent[step]
-        if draw(st.integers(0, 4)) == 0 and isinstance(parent, dict):
-            parent.pop(path[-1], None)
-        else:
-            parent[path[-1]] = json.loads(json.dumps(draw(st.sampled_from(VALUES))))  # a copy: it may be broken too
+    record = break_record(draw, draw(st.one_of(conversation(), comparison(), st.just(FEEDBACK))), VALUES,
+                          draw(st.integers(0, 2)))
     return json.dumps(record, ensure_ascii=draw(st.booleans())).encode()
 
 

@@ -61,6 +61,18 @@ static int buf_put(Buf *b, const char *s, Py_ssize_t n) {
 
 static int buf_puts(Buf *b, const char *s) { return buf_put(b, s, (Py_ssize_t)strlen(s)); }
 
+/* Room in the array `*items` (of `*cap` items of `size` bytes) for item number `n`: doubled when
+   full, starting at `first`. */
+static int grow(void **items, int *cap, int n, size_t size, int first) {
+    if (n < *cap) return 0;
+    int new_cap = *cap ? *cap * 2 : first;
+    void *p = PyMem_Realloc(*items, size * new_cap);
+    if (!p) { PyErr_NoMemory(); return -1; }
+    *items = p;
+    *cap = new_cap;
+    return 0;
+}
+
 /* A block allocator for one call: pointers stay valid until `arena_free`. */
 typedef struct Block { struct Block *next; char data[]; } Block;
 typedef struct { Block *head; char *at; Py_ssize_t left; } Arena;
@@ -234,13 +246,7 @@ typedef struct {
 } Parser;
 
 static int new_node(Parser *ps, int type) {
-    if (ps->n == ps->cap) {
-        int cap = ps->cap ? ps->cap * 2 : 256;
-        Node *nodes = PyMem_Realloc(ps->nodes, sizeof(Node) * cap);
-        if (!nodes) { PyErr_NoMemory(); return -1; }
-        ps->nodes = nodes;
-        ps->cap = cap;
-    }
+    if (grow((void **)&ps->nodes, &ps->cap, ps->n, sizeof(Node), 256) < 0) return -1;
     Node *nd = &ps->nodes[ps->n];
     nd->type = type;
     nd->s.p = NULL; nd->s.n = 0;
@@ -553,13 +559,7 @@ typedef struct {
 } Texts;
 
 static int add_text(Texts *t, Str raw) {
-    if (t->n == t->cap) {
-        int cap = t->cap ? t->cap * 2 : 64;
-        Text *items = PyMem_Realloc(t->items, sizeof(Text) * cap);
-        if (!items) { PyErr_NoMemory(); return -1; }
-        t->items = items;
-        t->cap = cap;
-    }
+    if (grow((void **)&t->items, &t->cap, t->n, sizeof(Text), 64) < 0) return -1;
     Text *x = &t->items[t->n];
     memset(x, 0, sizeof(Text));
     x->raw = raw;

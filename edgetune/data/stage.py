@@ -535,18 +535,15 @@ class _Staging:
         self.index_lines: dict[str, list[str]] = {output: [] for output in rules.OUTPUTS}
 
     def add(self, pos: int, curated: rules.Curated, split: str, conversation_id: str | None) -> None:
+        """Stage one curated record's rows (`stage_rows`)."""
         tally, rows = stage_rows(curated, split, conversation_id)
-        if tally is None:
-            return
-        self.tally_lines.append(f"{pos}\t{tally}\n")
-        for output, split, key, fields, row in rows:
-            self.rows[split, output].write(row)
-            self.index_lines[output].append(f"{pos}\t{split}\t{key}\t{len(row)}\t{fields}\n")
-        if len(self.tally_lines) >= PENDING_LINES:
-            self.flush()
+        if tally is not None:
+            self.add_encoded(pos, (split, tally, [(output, f"{split}\t{key}\t{len(row)}\t{fields}", row)
+                                                  for output, _, key, fields, row in rows]))
 
     def add_encoded(self, pos: int, staged: tuple) -> None:
-        """`add` for a record that `_native.stage_line` curated and encoded (see there)."""
+        """Stage one record's tally and rows, encoded: `(split, tally, [(output, its index line's
+        fields after the position, row JSON line)])`, as `add` and `_native.stage_line` make them."""
         split, tally, rows = staged
         self.tally_lines.append(f"{pos}\t{tally}\n")
         for output, fields, row in rows:
